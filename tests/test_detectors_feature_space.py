@@ -6,6 +6,8 @@ formula, never calling the detectors' helpers.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -162,6 +164,29 @@ def test_mahalanobis_shrinkage() -> None:
     np.testing.assert_allclose(det.score(f), np_min_md(f.penultimate, means, shrunk), rtol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["mahalanobis", "relative_mahalanobis"])
+def test_gaussian_fit_on_fewer_images_than_dimensions_is_flagged(name: str) -> None:
+    from oodscope.detectors.base import FitWarning
+
+    f, y = make_data(seed=8, n=8, d=6)  # 3 classes: the tied covariance has rank <= 8 - 3 < 6
+    with pytest.warns(FitWarning, match="fitted on 8 images of 6-d features.*at least 9 images"):
+        det = create(name).fit(f, y)
+    assert "singular" in det.fit_info_["warnings"][0]
+    assert np.linalg.matrix_rank(np_tied(f.penultimate, y)[1]) < 6
+    # Enough images for a full-rank estimate, or shrinkage, and there is nothing to flag.
+    f7, y7 = make_data(seed=8, n=9, d=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FitWarning)
+        assert "warnings" not in create(name).fit(f7, y7).fit_info_
+        assert "warnings" not in create(name, shrinkage=0.1).fit(f, y).fit_info_
+    # The caution survives save / load.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        det.save(tmp)
+        assert load(tmp).fit_info_["warnings"] == det.fit_info_["warnings"]
+
+
 def test_multilayer_mahalanobis_matches_numpy() -> None:
     f, y = make_data(seed=8)
     q, _ = make_data(seed=9, n=20)
@@ -302,6 +327,14 @@ def test_vim_default_dim_rule_and_residual_sign() -> None:
         embedding=f.embedding, penultimate=f.penultimate + 20 * residual, weight=f.weight, bias=f.bias
     )
     assert np.all(det.score(pushed) > det.score(f))
+
+
+def test_vim_refuses_a_fit_set_no_larger_than_its_subspace() -> None:
+    f, _ = make_data(seed=23, n=12, d=16)
+    with pytest.raises(DetectorError, match=r"dim=12.*\(12\).*dim < 12"):
+        create("vim", dim=12).fit(f)
+    det = create("vim", dim=11).fit(f)  # one residual direction per image beyond the subspace
+    assert np.isfinite(det.score(f)).all()
 
 
 # ----------------------------------------------------------------------------- GMM

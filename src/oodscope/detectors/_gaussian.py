@@ -44,6 +44,20 @@ def check_matrix(x: torch.Tensor, who: str, what: str = "features") -> torch.Ten
     return x
 
 
+def few_samples_caution(n: int, d: int, shrinkage: float, groups: int = 1) -> str | None:
+    """The caution to record when a covariance is estimated from too few samples to be invertible.
+
+    A covariance around ``groups`` estimated means has rank at most ``n - groups``; below ``d`` it is
+    singular: the pseudo-inverse ignores every direction the fit images do not span, so images far
+    away along those directions are not "far" at all, and differences of two such distances
+    (relative Mahalanobis) can rank far-OOD as the most in-distribution.
+    """
+    if n - groups >= d or shrinkage > 0:
+        return None
+    return (f"fitted on {n} images of {d}-d features: the covariance is singular, so directions unseen at "
+            f"fit time are ignored; fit on at least {d + groups} images or set shrinkage > 0 (e.g. 0.1)")
+
+
 def mean(x: torch.Tensor) -> torch.Tensor:
     """Column mean (D,), float64."""
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +38,13 @@ FeatureInput = Features | ArrayLike | dict
 
 class DetectorError(ValueError):
     """A detector was given something it cannot use (missing features, unfitted, wrong shapes)."""
+
+
+class FitWarning(UserWarning):
+    """A fit succeeded but its result is unreliable (e.g. fewer fit images than feature dimensions).
+
+    The message is also kept in ``fit_info_["warnings"]`` so that saved detectors and benchmark
+    tables carry it."""
 
 
 class Detector:
@@ -109,6 +118,11 @@ class Detector:
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
         """Default: nothing to learn (output-based methods)."""
+
+    def _caution(self, message: str) -> None:
+        """Record a fit-time caution in ``fit_info_["warnings"]`` and emit it as a :class:`FitWarning`."""
+        self.fit_info_.setdefault("warnings", []).append(message)
+        warnings.warn(f"{self.name}: {message}", FitWarning, stacklevel=_stacklevel_outside_detectors())
 
     def _score(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -216,6 +230,15 @@ def load(directory: str | os.PathLike, expected_backbone_id: str | None = None) 
 
 # --------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type[Detector]] = {}
+
+
+def _stacklevel_outside_detectors() -> int:
+    """Stack level of the first frame outside this package, so a warning points at the user's fit()."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def register(cls: type[Detector]) -> type[Detector]:

@@ -45,6 +45,9 @@ class Mahalanobis(FeatureField, Detector):
         self.state_["class_ids"] = model.class_ids
         self.state_["whitener"] = model.whitener
         self.fit_info_["rank"] = int(model.whitener.shape[1])
+        caution = g.few_samples_caution(*inputs["x"].shape, self.shrinkage, len(model.means))
+        if caution:
+            self._caution(caution)
 
     def _score(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         x = inputs["x"].to(torch.float64)

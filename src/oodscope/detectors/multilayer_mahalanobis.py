@@ -78,6 +78,9 @@ class MultiLayerMahalanobis(Detector):
             model = g.fit_tied_classes(
                 g.check_matrix(x, self.name, f"layer {names[i]!r}"), labels, self.shrinkage, self.rcond
             )
+            caution = g.few_samples_caution(*x.shape, self.shrinkage, len(model.means))
+            if caution:
+                self._caution(f"layer {names[i]!r}: {caution}")
             self.state_[f"means.{i}"] = model.means
             self.state_[f"whitener.{i}"] = model.whitener
             s = g.min_squared_mahalanobis(x, model.means, model.whitener)

@@ -48,6 +48,9 @@ class RelativeMahalanobis(FeatureField, Detector):
         self.state_["whitener"] = model.whitener
         self.state_["background_mean"] = background_mean[None, :]
         self.state_["background_whitener"] = g.whitener(background_cov, self.rcond)
+        caution = g.few_samples_caution(*x.shape, self.shrinkage, len(model.means))
+        if caution:
+            self._caution(caution)
 
     def _score(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         x = inputs["x"].to(torch.float64)

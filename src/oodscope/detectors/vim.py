@@ -13,6 +13,8 @@ it is >= 768, else width // 2 (the paper uses D=1000 for 2048-d ResNet/BiT and 5
 OpenOOD v1.5 ``vim.yml`` uses 256 for its CIFAR ResNet-18 and sweeps [256, 1000]).
 Needs ``penultimate`` and ``weight`` (``bias`` is used when the backbone gives one, otherwise
 zero, i.e. ``u = 0``). ``feature="embedding"`` is allowed when ``weight`` maps embeddings to logits.
+Fitting needs more images than ``dim`` (otherwise every fit image lies in P and the residual scale
+is rounding noise): a smaller fit set is an error that names the largest usable ``dim``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,13 @@ class ViM(FeatureField, Detector):
         if not 1 <= dim < width:
             raise DetectorError(
                 f"{self.name}: dim must be in [1, {width - 1}] for {width}-d features, got {dim}"
+            )
+        if len(x) <= dim:
+            # Every fit image then lies in the principal subspace: residuals are rounding noise and
+            # alpha (mean max-logit / mean residual) explodes, so the score would be noise too.
+            raise DetectorError(
+                f"{self.name}: the principal subspace (dim={dim}) must be smaller than the number of fit "
+                f"images ({len(x)}); fit on more than {dim} images or pass dim < {len(x)} (e.g. dim={len(x) // 2})"
             )
         u = -(torch.linalg.pinv(w) @ b)
         vals, vecs = torch.linalg.eigh(g.covariance(x, u))

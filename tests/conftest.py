@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,17 @@ import pytest
 
 # tests/ on the path so that helper modules (tiny_models) import in tests and in their subprocesses.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _text_cache_in_tmp(tmp_path_factory):
+    """The CLI keeps text embeddings on disk; in tests that disk is a temporary folder, not ~/.cache."""
+    before = os.environ.get("OODSCOPE_TEXT_CACHE")
+    if before is None:
+        os.environ["OODSCOPE_TEXT_CACHE"] = str(tmp_path_factory.mktemp("text-cache"))
+    yield
+    if before is None:
+        os.environ.pop("OODSCOPE_TEXT_CACHE", None)
 
 
 @pytest.fixture(scope="session")

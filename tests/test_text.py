@@ -134,6 +134,29 @@ def test_cache_separates_encoders_and_handles_encoders_without_id() -> None:
     assert anon1.calls == 1 and anon2.calls == 1
 
 
+def test_persist_default_cache_moves_the_process_cache_to_disk(tmp_path, monkeypatch) -> None:
+    from oodscope.text import prompts
+
+    monkeypatch.setattr(prompts, "_DEFAULT_CACHE", None)
+    monkeypatch.setenv("OODSCOPE_TEXT_CACHE", str(tmp_path / "env"))
+    assert prompts.default_text_cache_dir() == tmp_path / "env"
+    enc = HashEncoder()
+    in_memory = prompts.default_cache()
+    assert in_memory.directory == tmp_path / "env"  # the env var alone already persists
+    monkeypatch.delenv("OODSCOPE_TEXT_CACHE")
+    monkeypatch.setattr(prompts, "_DEFAULT_CACHE", TextEmbeddingCache())
+    prompts.encode_texts(enc, ["kept from memory"])
+    persisted = prompts.persist_default_cache(tmp_path / "cli")
+    assert prompts.default_cache() is persisted and persisted.directory == tmp_path / "cli"
+    assert prompts.persist_default_cache(tmp_path / "cli") is persisted  # idempotent
+    prompts.encode_texts(enc, ["new text"])  # encoding writes the store, old entries included
+    assert enc.calls == 2
+    fresh_process = TextEmbeddingCache(tmp_path / "cli")
+    got = fresh_process.encode(enc, ["kept from memory", "new text"])
+    assert enc.calls == 2 and fresh_process.encoded_count == 0
+    np.testing.assert_allclose(got[0], hash_vector("kept from memory", 8), rtol=1e-6)
+
+
 def test_cache_rejects_bad_encoder_output() -> None:
     class Bad:
         id = "bad"

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from oodscope.text.prompts import persist_default_cache
+
+    persist_default_cache()  # text embeddings (WordNet negatives: ~70k texts) are encoded once per encoder
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -327,3 +327,32 @@ def default_cache() -> TextEmbeddingCache:
         if _DEFAULT_CACHE is None:
             _DEFAULT_CACHE = TextEmbeddingCache(os.environ.get(CACHE_ENV) or None)
         return _DEFAULT_CACHE
+
+
+def default_text_cache_dir() -> Path:
+    """Where the command line keeps text embeddings: ``$OODSCOPE_TEXT_CACHE``, else
+    ``~/.cache/oodscope/text``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "oodscope" / "text"
+
+
+def persist_default_cache(directory: str | os.PathLike | None = None) -> TextEmbeddingCache:
+    """Keep the process-wide cache on disk (default :func:`default_text_cache_dir`).
+
+    The command line calls this, so a lexicon of ~70,000 WordNet words (NegLabel, AdaNeg) is encoded
+    once per text encoder, not once per run. Library users opt in (the library default stays in
+    memory unless ``$OODSCOPE_TEXT_CACHE`` is set). Entries already in memory are kept and written.
+    """
+    global _DEFAULT_CACHE
+    target = Path(directory) if directory is not None else default_text_cache_dir()
+    with _DEFAULT_LOCK:
+        old = _DEFAULT_CACHE
+        if old is not None and old.directory == target:
+            return old
+        new = TextEmbeddingCache(target)
+        if old is not None:
+            for key, store in old._keyed.items():
+                new._keyed[key] = dict(store)
+                new._dirty.add(key)
+        _DEFAULT_CACHE = new
+    return new

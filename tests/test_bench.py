@@ -355,3 +355,50 @@ def test_benchmark_expands_to_its_sets():
     assert [sets[k].kind for k in ("fashion_near", "digits", "textiles")] == ["near", "far", "far"]
     assert all(len(s.source) == 20 for s in sets.values())
     assert classes == ["T-shirt/top", "Trouser", "Dress", "Sandal", "Sneaker", "Bag"]
+
+
+# ----------------------------------------------------------------------------- results.md
+def test_fit_time_cautions_reach_the_results_note(data, tmp_path):
+    clf = tiny_classifier(0)
+    # 10 fit images, 5 classes, 8-d features: the tied covariance cannot be full rank.
+    from oodscope.detectors.base import FitWarning
+
+    with pytest.warns(FitWarning, match="covariance is singular") as caught:
+        result = run_benchmark(config(data, [clf], ["mahalanobis", "msp"], tmp_path, fit_limit=10))
+    assert caught[0].filename.endswith("bench.py")  # points at the caller of fit(), not at detector internals
+    notes = {r["detector"]: r["note"] for r in result.rows}
+    assert "covariance is singular" in notes["mahalanobis"] and notes["msp"] == ""
+    assert "covariance is singular" in (tmp_path / "results.md").read_text()
+
+
+def _row(backbone, detector, set_name, auroc, kind="far"):
+    return {"backbone": backbone, "detector": detector, "set": set_name, "kind": kind, "auroc": auroc,
+            "fpr95": 1 - auroc, "aupr_in": auroc, "aupr_out": auroc, "detection_error": 0.1, "n_id": 10,
+            "n_ood": 10, "id_accuracy": 0.9, "id_accuracy_source": "", "fit_s": 0.0, "score_s": 0.0, "note": ""}
+
+
+def test_markdown_ranks_detectors_and_folds_rows_repeated_by_a_derived_backbone():
+    from oodscope.evaluation.bench import markdown
+
+    rows = []
+    for det, (a, b) in {"msp": (0.6, 0.7), "knn": (0.9, 0.8), "vim": (0.7, 0.9)}.items():
+        for backbone in ("clf", "clf-derived"):
+            rows += [_row(backbone, det, "a", a), _row(backbone, det, "b", b),
+                     _row(backbone, det, "all-average", (a + b) / 2, "average")]
+    rows += [_row("clf-derived", "mcm", "a", 0.95), _row("clf-derived", "mcm", "b", 0.5),
+             _row("clf-derived", "mcm", "all-average", 0.725, "average")]
+    rows = [r | {"auroc": r["auroc"] - 0.05} if (r["backbone"], r["detector"]) == ("clf-derived", "vim") else r
+            for r in rows]
+    payload = {"results": rows, "failures": [], "timings": [],
+               "environment": {k: "x" for k in ("date", "oodscope", "python", "torch", "cpu_count")},
+               "datasets": {"id": {"role": "id", "data": "i", "images": 10},
+                            "a": {"role": "ood", "data": "a", "images": 10, "kind": "far"},
+                            "b": {"role": "ood", "data": "b", "images": 10, "kind": "far"}}}
+    md = markdown(payload)
+    first, second = md.split("## clf-derived")
+    table = [line.split(" | ")[0].strip("| ") for line in first.splitlines() if line.startswith("| ")]
+    assert table[1:] == ["knn", "vim", "msp"]  # all-average AUROC 0.85, 0.80, 0.65
+    second = second.split("## Time per stage")[0]
+    derived = [line.split(" | ")[0].strip("| ") for line in second.splitlines() if line.startswith("| ")]
+    assert derived[1:] == ["vim", "mcm"]  # vim differs there; knn and msp repeat the classifier's rows
+    assert "Same metrics on every set as on `clf` (not repeated): `knn`, `msp`." in second

@@ -663,7 +663,7 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
         except ValueError as err:
             fail(run.name, "metrics", str(err))
             continue
-        note = "; ".join(x for x in (run.note, inf_note) if x)
+        note = "; ".join(x for x in (run.note, *run.detector.fit_info_.get("warnings", []), inf_note) if x)
         timing(entry.name, "fit", run.fit_seconds, detector=run.name, cpu_seconds=run.fit_cpu)
         timing(entry.name, "score", run.score_seconds, detector=run.name, cpu_seconds=run.score_cpu)
         acc, acc_source = _accuracy(run, shared, predictor, id_labels, classes)
@@ -802,6 +802,8 @@ def _accuracy(run, shared, predictor, labels, classes):
 
 def _score_with_model(run: _Run, entry, feature_sets, sets, cfg) -> None:
     """Model-in-the-loop scoring: re-decode the images that extraction read, preprocess, run the network."""
+    from tqdm.auto import tqdm
+
     from oodscope.backbones.preprocess import preprocess
 
     parts = entry.backbone.classifier_parts()
@@ -811,10 +813,13 @@ def _score_with_model(run: _Run, entry, feature_sets, sets, cfg) -> None:
             continue
         source = Subset(sets[set_name].source, fs.extraction.indices)
         out = []
-        for start in range(0, len(source), cfg.model_batch_size):
-            images = [source.load(i) for i in range(start, min(start + cfg.model_batch_size, len(source)))]
-            batch = preprocess(images, entry.backbone.input_spec, parts.device)
-            out.append(run.detector.score_images(parts, batch))
+        with tqdm(total=len(source), unit="img", desc=f"{entry.name} {run.name} {set_name}",
+                  disable=not cfg.progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(source), cfg.model_batch_size):
+                images = [source.load(i) for i in range(start, min(start + cfg.model_batch_size, len(source)))]
+                batch = preprocess(images, entry.backbone.input_spec, parts.device)
+                out.append(run.detector.score_images(parts, batch))
+                bar.update(len(images))
         run.scores[set_name] = out
     run.score_seconds = time.perf_counter() - started
     run.score_cpu = time.process_time() - cpu_started
@@ -910,6 +915,13 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
+def _ranked(rows: list[dict[str, Any]], column: str | None) -> list[str]:
+    """Detector names by descending AUROC on ``column`` (ties and missing values keep run order)."""
+    order = list(dict.fromkeys(r["detector"] for r in rows))
+    auroc = {r["detector"]: r["auroc"] for r in rows if r["set"] == column}
+    return sorted(order, key=lambda d: -auroc.get(d, float("-inf")))
+
+
 def markdown(payload: Mapping[str, Any]) -> str:
     """Markdown summary: one table per backbone (AUROC / FPR95 in %, per set and averaged)."""
     rows = payload["results"]
@@ -922,18 +934,32 @@ def markdown(payload: Mapping[str, Any]) -> str:
     lines += ["Data: " + "; ".join(f"`{k}` = {v['data']} ({v['images']} images"
                                    f"{', ' + v['kind'] if v.get('kind') else ''})"
                                    for k, v in payload["datasets"].items()), ""]
+    seen: dict[tuple, str] = {}  # metrics of every set -> first backbone that produced them
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         mine = [r for r in rows if r["backbone"] == backbone]
         columns = sets + [s for s in ("near-average", "far-average", "all-average") if any(r["set"] == s for r in mine)]
-        lines += [f"## {backbone}", "", "| detector | " + " | ".join(columns) + " | ID acc. | fit s | score s |",
+        ranking = next((c for c in ("all-average", *sets) if c in columns), None)
+        lines += [f"## {backbone}", "", f"Sorted by AUROC on `{ranking}`, best first.", "",
+                  "| detector | " + " | ".join(columns) + " | ID acc. | fit s | score s |",
                   "|---|" + "---|" * (len(columns) + 3)]
-        for det in dict.fromkeys(r["detector"] for r in mine):
+        same_as: dict[str, list[str]] = {}
+        for det in _ranked(mine, ranking):
             cells = {r["set"]: r for r in mine if r["detector"] == det}
+            # A derived backbone (ConSE) hands the classifier's own logits and features to most
+            # detectors: their rows repeat the classifier's, so they are folded into one line.
+            key = (det, *((c, *(cells[c][m] for m in METRICS)) for c in sets if c in cells))
+            if key in seen:
+                same_as.setdefault(seen[key], []).append(det)
+                continue
+            seen[key] = backbone
             first = next(iter(cells.values()))
             acc = _pct(first["id_accuracy"])
             lines.append(f"| {det} | " + " | ".join(
                 f"{_pct(cells[c]['auroc'])} / {_pct(cells[c]['fpr95'])}" if c in cells else "" for c in columns)
                 + f" | {acc} | {first['fit_s']:.2f} | {first['score_s']:.2f} |")
+        for other, dets in same_as.items():
+            lines += ["", f"Same metrics on every set as on `{other}` (not repeated): "
+                      + ", ".join(f"`{d}`" for d in dets) + "."]
         sources = sorted({r["id_accuracy_source"] for r in mine if r["id_accuracy_source"]})
         if sources:
             lines += ["", "ID accuracy from: " + "; ".join(sources) + "."]

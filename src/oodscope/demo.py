@@ -75,10 +75,14 @@ def run_demo(output: str | Path = "oodscope-demo", *, per_class: int = 40, far: 
     say(f"[1/3] benchmark: {len(id_fit)} ID fit images, {len(test.id)} ID test, {len(test.near_ood)} near-OOD, "
         f"{sum(len(s) for s in far_sets.values())} far-OOD"
         + (" (committed Fashion-MNIST sample)" if sample else ""))
+    # ViM's default subspace (512 of EfficientNet-Lite0's 1,280 dimensions) needs more fit images than
+    # the demo has; half the fit set keeps a residual to measure (vim refuses dim >= fit images).
+    params = {"vim": {"dim": min(512, len(id_fit) // 2)}}
     results = {}
     for backbone, detectors in DEMO_DETECTORS.items():
         config = BenchConfig(
             backbones=[backbone], detectors=detectors, id=test.id, id_fit=id_fit, classes=classes,
+            detector_params=params,
             ood=[OODSet("fashion_near", test.near_ood, "near")]
             + [OODSet(name, src, "far") for name, src in far_sets.items()],
             output=output / "bench" / backbone.replace(":", "_"), cache_dir=cache, report=True,

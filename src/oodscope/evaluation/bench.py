@@ -44,6 +44,7 @@ import torch
 
 from oodscope.backbones.base import Features, is_vision_language
 from oodscope.evaluation.metrics import ood_metrics
+from oodscope.evaluation.tables import METRICS, markdown, ranked_tables  # noqa: F401 - re-exported
 from oodscope.io import ImageSource, Subset
 
 __all__ = [
@@ -51,11 +52,12 @@ __all__ = [
     "BenchResult",
     "OODSet",
     "load_config",
+    "markdown",
+    "ranked_tables",
     "resolve_data",
     "run_benchmark",
 ]
 
-METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "detection_error")
 FORMAT = "oodscope-bench"
 FORMAT_VERSION = 1
 
@@ -909,72 +911,3 @@ def _write_csv(path: Path, fields: Sequence[str], rows: list[dict[str, Any]]) ->
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-
-
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f}"
-
-
-def _ranked(rows: list[dict[str, Any]], column: str | None) -> list[str]:
-    """Detector names by descending AUROC on ``column`` (ties and missing values keep run order)."""
-    order = list(dict.fromkeys(r["detector"] for r in rows))
-    auroc = {r["detector"]: r["auroc"] for r in rows if r["set"] == column}
-    return sorted(order, key=lambda d: -auroc.get(d, float("-inf")))
-
-
-def markdown(payload: Mapping[str, Any]) -> str:
-    """Markdown summary: one table per backbone (AUROC / FPR95 in %, per set and averaged)."""
-    rows = payload["results"]
-    env = payload["environment"]
-    lines = ["# oodscope benchmark", "",
-             f"{env['date']} · oodscope {env['oodscope']} · Python {env['python']} · torch {env['torch']} · "
-             f"{env['cpu_count']} CPU(s)", "",
-             "Cells: AUROC / FPR@95 in % (higher AUROC, lower FPR@95 is better). Scores: higher = more OOD.", ""]
-    sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
-    lines += ["Data: " + "; ".join(f"`{k}` = {v['data']} ({v['images']} images"
-                                   f"{', ' + v['kind'] if v.get('kind') else ''})"
-                                   for k, v in payload["datasets"].items()), ""]
-    seen: dict[tuple, str] = {}  # metrics of every set -> first backbone that produced them
-    for backbone in dict.fromkeys(r["backbone"] for r in rows):
-        mine = [r for r in rows if r["backbone"] == backbone]
-        columns = sets + [s for s in ("near-average", "far-average", "all-average") if any(r["set"] == s for r in mine)]
-        ranking = next((c for c in ("all-average", *sets) if c in columns), None)
-        lines += [f"## {backbone}", "", f"Sorted by AUROC on `{ranking}`, best first.", "",
-                  "| detector | " + " | ".join(columns) + " | ID acc. | fit s | score s |",
-                  "|---|" + "---|" * (len(columns) + 3)]
-        same_as: dict[str, list[str]] = {}
-        for det in _ranked(mine, ranking):
-            cells = {r["set"]: r for r in mine if r["detector"] == det}
-            # A derived backbone (ConSE) hands the classifier's own logits and features to most
-            # detectors: their rows repeat the classifier's, so they are folded into one line.
-            key = (det, *((c, *(cells[c][m] for m in METRICS)) for c in sets if c in cells))
-            if key in seen:
-                same_as.setdefault(seen[key], []).append(det)
-                continue
-            seen[key] = backbone
-            first = next(iter(cells.values()))
-            acc = _pct(first["id_accuracy"])
-            lines.append(f"| {det} | " + " | ".join(
-                f"{_pct(cells[c]['auroc'])} / {_pct(cells[c]['fpr95'])}" if c in cells else "" for c in columns)
-                + f" | {acc} | {first['fit_s']:.2f} | {first['score_s']:.2f} |")
-        for other, dets in same_as.items():
-            lines += ["", f"Same metrics on every set as on `{other}` (not repeated): "
-                      + ", ".join(f"`{d}`" for d in dets) + "."]
-        sources = sorted({r["id_accuracy_source"] for r in mine if r["id_accuracy_source"]})
-        if sources:
-            lines += ["", "ID accuracy from: " + "; ".join(sources) + "."]
-        notes = sorted({f"`{r['detector']}`: {r['note']}" for r in mine if r["note"]})
-        if notes:
-            lines += ["", "Notes: " + "; ".join(notes) + "."]
-        lines.append("")
-    if payload["failures"]:
-        lines += ["## Not run / failed", "", "| backbone | detector | stage | reason |", "|---|---|---|---|"]
-        lines += [f"| {f['backbone']} | {f['detector']} | {f['stage']} | {f['reason'].replace('|', '/')} |"
-                  for f in payload["failures"]]
-        lines.append("")
-    stages: dict[tuple[str, str], float] = {}
-    for t in payload["timings"]:
-        stages[(t["backbone"], t["stage"])] = stages.get((t["backbone"], t["stage"]), 0.0) + t["seconds"]
-    lines += ["## Time per stage (s)", "", "| backbone | stage | seconds |", "|---|---|---|"]
-    lines += [f"| {b} | {s} | {v:.2f} |" for (b, s), v in stages.items()]
-    return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from oodscope.evaluation.tables import ranked_tables
 from oodscope.reports import plots
 
 __all__ = ["render_report", "write_audit_report"]
@@ -127,11 +128,13 @@ def _summary_section(payload: Mapping[str, Any]) -> list[str]:
            "<p>AUROC and FPR@95 in % for each OOD set, then averages over the near-OOD, far-OOD and all "
            "sets. Best AUROC (highest) and FPR@95 (lowest) per column in bold. Scores are higher = more OOD; "
            "FPR@95 is the share of OOD images accepted as ID at the threshold that accepts 95 % of the ID "
-           "images.</p>"]
-    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+           "images. Detectors are sorted by AUROC on the all-OOD average, best first.</p>"]
+    ood_sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
+    for table in ranked_tables(rows, ood_sets):
+        backbone = table.backbone
         mine = [r for r in rows if r["backbone"] == backbone]
         sets = list(dict.fromkeys(r["set"] for r in mine))
-        detectors = list(dict.fromkeys(r["detector"] for r in mine))
+        detectors = table.detectors
         table_rows, values = [], []
         for det in detectors:
             cells = {r["set"]: r for r in mine if r["detector"] == det}
@@ -156,6 +159,9 @@ def _summary_section(payload: Mapping[str, Any]) -> list[str]:
                     best[(i, c + 1)] = True
         out.append(f"<h3 id='{_anchor('results', backbone)}'>{_e(backbone)}</h3>")
         out.append(_results_table(sets, table_rows, best))
+        for other, dets in table.repeated.items():
+            out.append(f"<p class='meta'>Same metrics on every set as on {_e(other)} (not repeated): "
+                       f"{_e(', '.join(dets))}.</p>")
         sources = sorted({r["id_accuracy_source"] for r in mine if r.get("id_accuracy_source")})
         if sources:
             out.append(f"<p class='meta'>ID accuracy from: {_e('; '.join(sources))}.</p>")
@@ -172,11 +178,12 @@ def _figures_section(results_dir: Path, payload: Mapping[str, Any], max_histogra
     if not plots.available():
         return out + ["<p class='note'>Figures need matplotlib (pip install 'oodscope[plots]'); "
                       "the tables above are complete without them.</p>"]
+    shown = {t.backbone: set(t.detectors) for t in ranked_tables(rows, ood_sets)}
     for backbone, files in payload.get("scores", {}).items():
         mine = [r for r in rows if r["backbone"] == backbone]
-        if not files:
+        detectors = [d for d in files if d in shown.get(backbone, files)]  # rows repeated elsewhere: no figures
+        if not detectors:
             continue
-        detectors = list(files)
         scores = {det: _load_scores(results_dir, rel) for det, rel in files.items()}
         out.append(f"<h3 id='{_anchor('figures', backbone)}'>{_e(backbone)}</h3>")
         # Overview heat map of AUROC.

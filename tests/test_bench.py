@@ -402,3 +402,15 @@ def test_markdown_ranks_detectors_and_folds_rows_repeated_by_a_derived_backbone(
     derived = [line.split(" | ")[0].strip("| ") for line in second.splitlines() if line.startswith("| ")]
     assert derived[1:] == ["vim", "mcm"]  # vim differs there; knn and msp repeat the classifier's rows
     assert "Same metrics on every set as on `clf` (not repeated): `knn`, `msp`." in second
+
+
+def test_detectors_can_be_chosen_per_backbone(data, tmp_path):
+    clf, vlm = tiny_classifier(0), FakeVLM(tiny_classifier(1))
+    per_backbone = {clf.id: ["msp", "energy"], vlm.id: "mcm"}
+    result = run_benchmark(config(data, [clf, vlm], per_backbone, tmp_path))
+    ran = {(r["backbone"], r["detector"]) for r in result.rows}
+    assert ran == {(clf.id, "msp"), (clf.id, "energy"), (vlm.id, "mcm")} and not result.failures
+    with pytest.raises(ValueError, match="no detectors given for 'fake-vlm'"):
+        run_benchmark(config(data, [clf, vlm], {clf.id: ["msp"]}, tmp_path / "x"))
+    with pytest.raises(ValueError, match="no backbone named 'other'"):
+        run_benchmark(config(data, [clf], {clf.id: ["msp"], "other": ["msp"]}, tmp_path / "y"))

@@ -53,6 +53,7 @@ def run_demo(output: str | Path = "oodscope-demo", *, per_class: int = 40, far: 
              progress: bool = True) -> DemoResult:
     from oodscope.evaluation.bench import BenchConfig, OODSet, run_benchmark
     from oodscope.pipeline import OODModel
+    from oodscope.reports.html import render_report
 
     started = time.perf_counter()
     output = Path(output)
@@ -75,20 +76,17 @@ def run_demo(output: str | Path = "oodscope-demo", *, per_class: int = 40, far: 
     say(f"[1/3] benchmark: {len(id_fit)} ID fit images, {len(test.id)} ID test, {len(test.near_ood)} near-OOD, "
         f"{sum(len(s) for s in far_sets.values())} far-OOD"
         + (" (committed Fashion-MNIST sample)" if sample else ""))
-    # ViM's default subspace (512 of EfficientNet-Lite0's 1,280 dimensions) needs more fit images than
-    # the demo has; half the fit set keeps a residual to measure (vim refuses dim >= fit images).
-    params = {"vim": {"dim": min(512, len(id_fit) // 2)}}
-    results = {}
-    for backbone, detectors in DEMO_DETECTORS.items():
-        config = BenchConfig(
-            backbones=[backbone], detectors=detectors, id=test.id, id_fit=id_fit, classes=classes,
-            detector_params=params,
-            ood=[OODSet("fashion_near", test.near_ood, "near")]
-            + [OODSet(name, src, "far") for name, src in far_sets.items()],
-            output=output / "bench" / backbone.replace(":", "_"), cache_dir=cache, report=True,
-            progress=progress,
-        )
-        results[backbone] = run_benchmark(config)
+    # Sized to a fit set of a few hundred images: ViM's default subspace (512 of EfficientNet-Lite0's
+    # 1,280 dimensions) must be smaller than the fit set, and KNN's k=50 was set for banks of 50,000.
+    params = {"vim": {"dim": min(512, len(id_fit) // 2)}, "knn": {"k": min(10, len(id_fit))}}
+    config = BenchConfig(
+        backbones=list(DEMO_DETECTORS), detectors=DEMO_DETECTORS, id=test.id, id_fit=id_fit, classes=classes,
+        detector_params=params,
+        ood=[OODSet("fashion_near", test.near_ood, "near")]
+        + [OODSet(name, src, "far") for name, src in far_sets.items()],
+        output=output / "bench", cache_dir=cache, report=False, progress=progress,
+    )
+    result = run_benchmark(config)
 
     say("[2/3] deployment: a calibrated KNN model scoring a mixed folder")
     mixed = output / "mixed"
@@ -99,7 +97,7 @@ def run_demo(output: str | Path = "oodscope-demo", *, per_class: int = 40, far: 
     for name, src in groups.items():
         write_image_folder(src, mixed / name, indices=None)
     (mixed / "id" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this file was cut short")
-    model = OODModel("effnet-lite0", method="knn", method_params={"k": 10}, alpha=0.05,
+    model = OODModel("effnet-lite0", method="knn", method_params=params["knn"], alpha=0.05,
                      cache_dir=cache, progress=progress)
     model.fit(id_fit, calibration=id_cal)
     model.save(output / "model")
@@ -109,11 +107,10 @@ def run_demo(output: str | Path = "oodscope-demo", *, per_class: int = 40, far: 
     (output / "deployment.json").write_text(json.dumps(deployment, indent=2))
 
     say("[3/3] report")
-    tables = []
-    for backbone, result in results.items():
-        tables.append(f"### {backbone}\n\n" + (result.output / "results.md").read_text())
-    table = "\n".join(tables)
-    report = _combined_report(output, results)
+    report = render_report(result.output, output / "report.html", title="oodscope demo: Fashion-MNIST-OOD",
+                           sections=[("Deployment: a calibrated model scoring a mixed folder",
+                                      _deployment_html(deployment))])
+    table = (result.output / "results.md").read_text()
     return DemoResult(output, report, table, deployment, time.perf_counter() - started)
 
 
@@ -129,7 +126,7 @@ def _deployment_summary(files, root: Path, predictions, model) -> dict:
         g["images"] += 1
         g["flagged_ood"] += int(row_ood)
     return {
-        "model": "knn (k=10) on effnet-lite0 features, conformal p-values",
+        "model": f"knn (k={model.method_params['k']}) on effnet-lite0 features, conformal p-values",
         "alpha": model.alpha,
         "calibration_images": model.info_.get("calibration", {}).get("n"),
         "groups": groups,
@@ -137,21 +134,14 @@ def _deployment_summary(files, root: Path, predictions, model) -> dict:
     }
 
 
-def _combined_report(output: Path, results: dict) -> Path:
-    """One HTML page linking each backbone's self-contained report."""
+def _deployment_html(deployment: dict) -> str:
     from html import escape
 
-    links = "".join(
-        f'<li><a href="{escape(str(r.output.relative_to(output) / "report.html"))}">{escape(b)}</a></li>'
-        for b, r in results.items())
-    deployment = json.loads((output / "deployment.json").read_text())
-    page = (
-        "<!doctype html><meta charset='utf-8'><title>oodscope demo</title>"
-        "<body style='font-family:sans-serif;max-width:60em;margin:2em auto'>"
-        "<h1>oodscope demo</h1><p>Fashion-MNIST-OOD on the packaged offline backbones.</p>"
-        f"<h2>Benchmark reports</h2><ul>{links}</ul>"
-        f"<h2>Deployment</h2><pre>{escape(json.dumps(deployment, indent=2))}</pre></body>"
-    )
-    path = output / "index.html"
-    path.write_text(page)
-    return path
+    from oodscope.reports.html import html_table
+
+    rows = [(group, g["images"], g["flagged_ood"]) for group, g in deployment["groups"].items()]
+    rows += [(f"unreadable: {bad['file']}", "", bad["error"]) for bad in deployment["unreadable"]]
+    return (f"<p>{escape(deployment['model'])}, alpha = {deployment['alpha']}, "
+            f"{deployment['calibration_images']} calibration images. Images flagged OOD per folder of the "
+            "mixed set (<code>id</code> should stay near alpha; the others should be flagged); unreadable files "
+            "are reported, not fatal.</p>" + html_table(["folder", "images", "flagged OOD"], rows))

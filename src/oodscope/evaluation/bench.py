@@ -81,7 +81,8 @@ class BenchConfig:
     ImageSource objects; backbones are spec strings or backbone objects."""
 
     backbones: list[Any] = field(default_factory=list)
-    detectors: list[str] | str = "all"
+    #: Names, "all", or per backbone: ``{"effnet-lite0": ["msp", "vim"], "conse:effnet-lite0": ["mcm"]}``.
+    detectors: list[str] | str | dict[str, list[str] | str] = "all"
     detector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     id: Any = None
     id_fit: Any = None
@@ -404,7 +405,7 @@ def run_benchmark(config: BenchConfig | Mapping[str, Any]) -> BenchResult:
     out.mkdir(parents=True, exist_ok=True)
     sets, classes = _plan_sets(cfg)
     entries = _plan_backbones(cfg)
-    names = _detector_names(cfg.detectors, registered())
+    plan = _detector_plan(cfg.detectors, [e.name for e in entries], registered())
     labels_aligned = _labels_aligned(sets, classes)
     cache_dir = cfg.cache_dir if cfg.cache_dir is not None else (out / "feature-cache" if cfg.stream else None)
     if cfg.stream:
@@ -445,8 +446,8 @@ def run_benchmark(config: BenchConfig | Mapping[str, Any]) -> BenchResult:
             else:
                 timing(entry.name, "extract", 0.0, set_name=set_name)  # shared with another backbone
             feature_sets[set_name] = _FeatureSet(extractions[key], entry.derive, cfg.stream_batch, cfg.stream)
-        bb_rows, bb_failures, bb_scores = _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned,
-                                                        cfg, out, timing, log)
+        bb_rows, bb_failures, bb_scores = _run_backbone(entry, plan[entry.name], feature_sets, sets, classes,
+                                                        labels_aligned, cfg, out, timing, log)
         for set_name, fs in feature_sets.items():
             if fs.derive_seconds:
                 timing(entry.name, "derive", fs.derive_seconds, set_name=set_name)
@@ -480,6 +481,18 @@ def _labels_aligned(sets: dict[str, _Set], classes: list[str] | None) -> bool:
             return False
     # classes may be prompt-friendly renamings of the ID class names: same length = same order.
     return classes is None or names is None or len(classes) == len(names)
+
+
+def _detector_plan(selection: Any, backbones: Sequence[str], available: Mapping[str, type]) -> dict[str, list[str]]:
+    """Detector names per backbone name, from one selection for all or a mapping per backbone."""
+    if not isinstance(selection, Mapping):
+        names = _detector_names(selection, available)
+        return {b: names for b in backbones}
+    problems = [f"no backbone named {k!r}" for k in selection if k not in backbones]
+    problems += [f"no detectors given for {b!r}" for b in backbones if b not in selection]
+    if problems:
+        raise ValueError("detectors per backbone: " + "; ".join(problems) + f" (backbones: {list(backbones)})")
+    return {b: _detector_names(selection[b], available) for b in backbones}
 
 
 def _detector_names(selection: Sequence[str] | str, available: Mapping[str, type]) -> list[str]:

@@ -85,6 +85,11 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, left: int = 
     return "".join(out)
 
 
+def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain table in the report's style, cells escaped (for ``render_report(sections=...)``)."""
+    return _table(header, rows)
+
+
 def _results_table(sets: Sequence[str], rows: Sequence[Sequence[Any]], best: Mapping[tuple[int, int], bool]) -> str:
     """Detector rows; per set two columns (AUROC, FPR95) under a spanning set header."""
     head1 = ['<th class="l" rowspan="2">detector</th>']
@@ -346,8 +351,12 @@ def render_report(
     audit_dirs: Sequence[str | os.PathLike] = (),
     title: str | None = None,
     max_histograms: int | None = None,
+    sections: Sequence[tuple[str, str]] = (),
 ) -> Path:
-    """Write the HTML report of ``results_dir`` to ``output`` (default ``results_dir/report.html``)."""
+    """Write the HTML report of ``results_dir`` to ``output`` (default ``results_dir/report.html``).
+
+    ``sections``: extra ``(heading, html)`` sections placed after the results table; the HTML is the
+    caller's and is inserted as it is (escape what you put in it)."""
     results_dir = Path(results_dir)
     output = Path(output) if output is not None else results_dir / "report.html"
     results_path = results_dir / "results.json"
@@ -373,6 +382,9 @@ def render_report(
         body += [f"<h1>{_e(heading)}</h1>", f"<p class='meta'>{sub}</p>"]
         body += _summary_section(payload)
         nav.append(("results", "Results"))
+        for i, (heading, fragment) in enumerate(sections):
+            body += [f"<h2 id='extra-{i}'>{_e(heading)}</h2>", fragment]
+            nav.append((f"extra-{i}", heading))
         body += _figures_section(results_dir, payload, max_histograms)
         nav.append(("figures", "Figures"))
         failures = _failures_section(payload)

@@ -302,3 +302,46 @@ def test_default_grids_match_registered_signatures() -> None:
     # OpenOOD v1.5 sweep lists, spot-checked
     assert DEFAULT_GRIDS["odin"] == {"temperature": [1, 10, 100, 1000], "epsilon": [0.0014, 0.0028]}
     assert DEFAULT_GRIDS["react"] == {"percentile": [85, 90, 95, 99]}
+
+
+# --------------------------------------------------------------------- vision-language methods
+class AxisText:
+    """Text encoder: the prompt for class i is the unit vector on axis i (3-d)."""
+
+    id = "axis-text"
+
+    def encode_texts(self, texts):
+        out = np.zeros((len(texts), 3), dtype=np.float32)
+        for row, text in enumerate(texts):
+            out[row, "abc".index(text.split()[-1].rstrip(".")[-1])] = 1.0
+        return out
+
+
+def test_zero_shot_and_few_shot_methods_are_tuned_with_the_text_encoder() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    id_emb = np.concatenate([[1, 0, 0] + 0.6 * rng.normal(size=(40, 3)), [0, 1, 0] + 0.6 * rng.normal(size=(40, 3))])
+    ood_emb = [0, 0, 1] + 0.6 * rng.normal(size=(40, 3))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    id_val, ood_val = Features(embedding=unit(id_emb)), Features(embedding=unit(ood_emb))
+    grid = {"temperature": [0.01, 1.0, 100.0]}
+    with pytest.raises(DetectorError, match="text_encoder"):
+        tune("mcm", id_val, ood_val, grid=grid, fixed={"classes": ["a", "b"]})
+    result = tune("mcm", id_val, ood_val, grid=grid, fixed={"classes": ["a", "b"]}, text_encoder=AxisText())
+
+    def mcm(x, t):  # -max softmax(cos / T) over the two class axes, written out
+        z = x[:, :2] / t
+        p = np.exp(z - z.max(1, keepdims=True))
+        return -(p / p.sum(1, keepdims=True)).max(1)
+
+    truth = np.r_[np.zeros(80), np.ones(40)]
+    expected = [roc_auc_score(truth, np.r_[mcm(id_val.embedding, t), mcm(ood_val.embedding, t)])
+                for t in grid["temperature"]]
+    assert [row["auroc"] for row in result.table] == pytest.approx(expected, abs=1e-12)
+    assert result.best_params == {"temperature": grid["temperature"][int(np.argmax(expected))]}
+
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    few = tune("gda", id_val, ood_val, id_fit=Features(embedding=unit(id_emb[::-1].copy())), fit_labels=labels[::-1],
+               grid={"alpha": [0.0, 1.0]}, fixed={"classes": ["a", "b"]}, text_encoder=AxisText())
+    assert [row["error"] for row in few.table] == [None, None] and few.detector.is_fitted_

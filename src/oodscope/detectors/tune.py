@@ -152,14 +152,18 @@ def tune(
     grid: Mapping[str, Sequence[Any]] | None = None,
     fixed: Mapping[str, Any] | None = None,
     metric: str = "auroc",
+    text_encoder: Any = None,
 ) -> TuneResult:
     """Pick a feature-based detector's hyper-parameters on validation ID / OOD features.
 
     ``id_fit`` (and ``fit_labels`` for methods that need labels) is what each candidate is fitted
     on; it is required for methods that need fitting, and it should be training data, disjoint from
-    ``id_val``. ``grid`` maps parameter names to candidate values (default: :func:`default_grid`);
-    ``fixed`` holds parameters passed unchanged to every candidate. ``metric`` is one of
-    :data:`METRICS`. Returns a :class:`TuneResult` whose ``detector`` is the best one, fitted.
+    ``id_val``. Zero-shot and few-shot methods also need ``text_encoder`` (the vision-language
+    backbone; its text embeddings are cached, so a grid does not re-encode the class names) and
+    their ``classes`` in ``fixed``; zero-shot methods need no ``id_fit``. ``grid`` maps parameter
+    names to candidate values (default: :func:`default_grid`); ``fixed`` holds parameters passed
+    unchanged to every candidate. ``metric`` is one of :data:`METRICS`. Returns a
+    :class:`TuneResult` whose ``detector`` is the best one, fitted.
     """
     cls = _detector_class(detector_name)
     if "model" in cls.requires:
@@ -169,7 +173,11 @@ def tune(
         )
     if id_fit is not None and (id_fit is id_val or id_fit is ood_val):
         raise DetectorError("tune: id_fit must not be the validation data (the selection would be biased)")
-    if cls.needs_fit and id_fit is None:
+    text = getattr(cls, "needs_text_encoder", False)
+    if text and text_encoder is None:
+        raise DetectorError(f"tune: {detector_name} needs text_encoder=... (a vision-language backbone)")
+    zero_shot = text and not cls.needs_labels
+    if cls.needs_fit and not zero_shot and id_fit is None:
         raise DetectorError(
             f"tune: {detector_name} must be fitted on in-distribution training data: pass id_fit=... "
             "(it is never fitted on the validation data)"
@@ -179,7 +187,11 @@ def tune(
 
     def build_and_score(params: dict[str, Any]) -> tuple[Detector, np.ndarray, np.ndarray]:
         detector = create(detector_name, **params)
-        if cls.needs_fit:
+        if zero_shot:
+            detector.fit(text_encoder=text_encoder)
+        elif text:
+            detector.fit(id_fit, fit_labels, text_encoder=text_encoder)
+        elif cls.needs_fit:
             detector.fit(id_fit, fit_labels)
         return detector, detector.score(id_val), detector.score(ood_val)
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from oodscope.detectors._feature_select import FeatureField
-from oodscope.detectors._neighbors import NeighborIndex, check_index_options, l2_normalize, subsample_indices
-from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors._neighbors import NeighborIndex, bank_rows, check_search_params, l2_normalize
+from oodscope.detectors.base import Detector, register
 
 
 @register
@@ -48,22 +48,13 @@ class KNN(FeatureField, Detector):
         self.index = index
         self.index_params = index_params
         self._check_feature(feature)
-        if not (isinstance(k, int) and k >= 1):
-            raise DetectorError(f"{self.name}: k must be a positive integer, got {k!r}")
-        if not 0.0 < subsample <= 1.0:
-            raise DetectorError(f"{self.name}: subsample must be in (0, 1], got {subsample}")
-        check_index_options(index, index_params, self.name)
+        check_search_params(k, subsample, index, index_params, self.name)
         self._search: NeighborIndex | None = None
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
         self._record_fields()
         x = inputs["x"]
-        keep = subsample_indices(len(x), self.subsample, self.seed)
-        if len(keep) < self.k:
-            raise DetectorError(
-                f"{self.name}: k={self.k} but the ID bank has only {len(keep)} features "
-                f"({len(x)} fitted x subsample {self.subsample}); lower k or fit on more data"
-            )
+        keep = bank_rows(len(x), self.k, self.subsample, self.seed, self.name)
         self.state_["bank"] = l2_normalize(x[torch.as_tensor(keep, device=x.device)].to(torch.float32))
         self._search = None
 

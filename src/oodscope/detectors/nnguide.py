@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from oodscope.detectors._feature_select import FeatureField
-from oodscope.detectors._neighbors import NeighborIndex, check_index_options, l2_normalize, subsample_indices
-from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors._neighbors import NeighborIndex, bank_rows, check_search_params, l2_normalize
+from oodscope.detectors.base import Detector, register
 
 
 @register
@@ -49,22 +49,13 @@ class NNGuide(FeatureField, Detector):
         self.index = index
         self.index_params = index_params
         self._check_feature(feature)
-        if not (isinstance(k, int) and k >= 1):
-            raise DetectorError(f"{self.name}: k must be a positive integer, got {k!r}")
-        if not 0.0 < subsample <= 1.0:
-            raise DetectorError(f"{self.name}: subsample must be in (0, 1], got {subsample}")
-        check_index_options(index, index_params, self.name)
+        check_search_params(k, subsample, index, index_params, self.name)
         self._search: NeighborIndex | None = None
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
         self._record_fields()
         x = inputs["x"]
-        keep = torch.as_tensor(subsample_indices(len(x), self.subsample, self.seed), device=x.device)
-        if len(keep) < self.k:
-            raise DetectorError(
-                f"{self.name}: k={self.k} but the ID bank has only {len(keep)} features; "
-                "lower k or fit on more data"
-            )
+        keep = torch.as_tensor(bank_rows(len(x), self.k, self.subsample, self.seed, self.name), device=x.device)
         confidence = torch.logsumexp(inputs["logits"][keep].to(torch.float64), dim=1)
         bank = l2_normalize(x[keep].to(torch.float64)) * confidence[:, None]
         self.state_["bank"] = bank.to(torch.float32)

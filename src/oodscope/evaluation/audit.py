@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -386,8 +386,21 @@ def _merge_audit_json(directory: Path, kind: str, payload: dict[str, Any]) -> Pa
 
 
 # ------------------------------------------------------------------------------ prompt audit
+class _AuditRecord:
+    """JSON round trip of an audit result dataclass: its fields plus its ``kind``."""
+
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
 @dataclass
-class PromptAuditResult:
+class PromptAuditResult(_AuditRecord):
     """Per phrasing and OOD set: AUROC / FPR@95; per OOD set (and ``"mean"`` over sets): the
     distribution over phrasings (min, median, max, mean, std, spread = max - min, best, worst).
 
@@ -424,16 +437,6 @@ class PromptAuditResult:
         if ood_set == MEAN_KEY:
             return {v["id"]: v["mean_auroc"] for v in self.variants}
         return {r["variant"]: r["auroc"] for r in self.rows if r["ood_set"] == ood_set}
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["kind"] = self.kind
-        return out
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PromptAuditResult:
-        names = [f for f in cls.__dataclass_fields__]
-        return cls(**{k: d[k] for k in names if k in d})
 
     def save(self, directory: str | os.PathLike) -> Path:
         """``audit.json`` (entry ``prompt_sensitivity``), ``prompt_audit.csv`` (per variant and OOD
@@ -637,7 +640,7 @@ def _make_detector(spec: DetectorSpec, classes: Sequence[str] | None):
 
 
 @dataclass
-class CorruptionAuditResult:
+class CorruptionAuditResult(_AuditRecord):
     """AUROC / FPR@95 per detector, corruption, severity and OOD set, and a degradation summary.
 
     ``rows``: one dict per (detector, corruption, severity, OOD set). Severity 0 is the clean
@@ -683,16 +686,6 @@ class CorruptionAuditResult:
             sev.append(s)
             out.append(float(np.mean(picked)))
         return sev, out
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["kind"] = self.kind
-        return out
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CorruptionAuditResult:
-        names = [f for f in cls.__dataclass_fields__]
-        return cls(**{k: d[k] for k in names if k in d})
 
     def save(self, directory: str | os.PathLike) -> Path:
         """``audit.json`` (entry ``corruption_robustness``), ``corruption_audit.csv`` (every

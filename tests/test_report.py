@@ -153,3 +153,28 @@ def test_roc_curve_area_is_the_auroc_with_ties():
     # Hand-checkable: ID {0, 1}, OOD {1, 2}: flagged at t=2 -> (0, .5); t=1 -> (.5, 1); t=0 -> (1, 1).
     fpr, tpr = plots.roc_curve(np.array([0.0, 1.0]), np.array([1.0, 2.0]))
     assert fpr.tolist() == [0, 0, 0.5, 1] and tpr.tolist() == [0, 0.5, 1, 1]
+
+
+def test_two_backbones_rows_ranked_repeats_folded_and_extra_sections(tmp_path):
+    from test_bench import Counting
+
+    from oodscope.reports.html import html_table
+
+    data = {"id": make_data(24, 0, 140, True, "id", 1), "id_fit": make_data(30, 0, 140, True, "fit", 2),
+            "near_a": make_data(16, 60, 220, False, "near", 3), "far_b": make_data(18, 140, 256, False, "far", 4)}
+    copy = Counting(tiny_classifier(0))
+    copy.id = "tiny-copy"  # same network under another name: every row repeats the first backbone's
+    result = run_benchmark(config(data, [tiny_classifier(0), copy], ["msp", "energy", "mahalanobis"], tmp_path))
+    out = render_report(tmp_path, tmp_path / "r.html",
+                        sections=[("Extra <part>", html_table(["a", "b"], [("<x>", 1)]))])
+    p = parse(out)
+    pngs = check_self_contained(p)
+    assert len(pngs) == 1 + 2 + 3  # figures for the first backbone only
+    html = out.read_text()
+    assert "Same metrics on every set as on tiny-cnn-0 (not repeated): " in html
+    assert "figures-tiny_copy" not in html and "Extra &lt;part&gt;" in html and "&lt;x&gt;" in html
+    mean = {r["detector"]: r["auroc"] for r in result.rows
+            if r["backbone"] == "tiny-cnn-0" and r["set"] == "all-average"}
+    first_table = html[html.index("results-tiny_cnn_0"):html.index("results-tiny_copy")]
+    positions = {d: first_table.index(f">{d}<") for d in mean}
+    assert sorted(mean, key=lambda d: positions[d]) == sorted(mean, key=lambda d: -mean[d])

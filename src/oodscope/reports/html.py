@@ -183,10 +183,11 @@ def _figures_section(results_dir: Path, payload: Mapping[str, Any], max_histogra
     if not plots.available():
         return out + ["<p class='note'>Figures need matplotlib (pip install 'oodscope[plots]'); "
                       "the tables above are complete without them.</p>"]
-    shown = {t.backbone: set(t.detectors) for t in ranked_tables(rows, ood_sets)}
+    best_first = {t.backbone: t.detectors for t in ranked_tables(rows, ood_sets)}
     for backbone, files in payload.get("scores", {}).items():
         mine = [r for r in rows if r["backbone"] == backbone]
-        detectors = [d for d in files if d in shown.get(backbone, files)]  # rows repeated elsewhere: no figures
+        # Best first, as in the tables; rows repeated from another backbone get no figures.
+        detectors = [d for d in best_first.get(backbone, list(files)) if d in files]
         if not detectors:
             continue
         scores = {det: _load_scores(results_dir, rel) for det, rel in files.items()}

@@ -338,3 +338,54 @@ def test_extract_refuses_members_outside_the_folder(tmp_path):
     with pytest.raises(DownloadError, match="refusing"):
         extract_archive(archive, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
+
+
+# ----------------------------------------------------------------------------- oodscope datasets
+def test_cli_lists_describes_and_checks(capsys):
+    from oodscope.cli.main import main
+
+    assert main(["datasets"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("fashion-mnist-ood", "openood-v1.5/imagenet", "digits", "dtd", "mvtec-ad"):
+        assert name in listing
+    assert main(["datasets", "list", "--tag", "anomaly"]) == 0
+    anomaly = capsys.readouterr().out.split("data sets")[1]
+    assert "mvtec-ad" in anomaly and "\n  digits " not in anomaly
+    assert main(["datasets", "info", "dtd"]) == 0
+    info = capsys.readouterr().out
+    assert "e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205" in info and "by hand" in info
+    assert main(["datasets", "check", "digits"]) == 0
+    assert "digits: OK (1797 images, expected 1797)" in capsys.readouterr().out
+    assert main(["datasets", "info", "no-such-set"]) == 2
+    assert "unknown data set 'no-such-set'" in capsys.readouterr().err
+
+
+def test_cli_check_reports_problems_and_download_fetches(server, tmp_path, capsys):
+    from oodscope.cli.main import main
+
+    assert main(["datasets", "check", "mvtec-ad", "--root", str(tmp_path / "absent")]) == 1
+    assert "does not exist" in capsys.readouterr().out
+    img = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(img, format="PNG")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for k in range(2):
+            info = tarfile.TarInfo(f"stuff/cls/{k}.png")
+            info.size = len(img.getvalue())
+            tf.addfile(info, io.BytesIO(img.getvalue()))
+    server.files["/stuff.tar"] = buf.getvalue()
+    spec = DatasetSpec(name="test/cli", description="t", source="t", licence="t", loader=reg._folder("stuff"),
+                       expected_files=2, count_source="test",
+                       checksums=(FileChecksum("stuff.tar", "sha256", hashlib.sha256(buf.getvalue()).hexdigest(),
+                                               "test", required=False),),
+                       urls={"stuff.tar": _url(server, "/stuff.tar")}, extract=True, folder="t")
+    try:
+        reg.register_dataset(spec)
+        assert main(["datasets", "download", "test/cli", "--root", str(tmp_path), "--quiet"]) == 0
+        assert "test/cli: OK (2 images, expected 2)" in capsys.readouterr().out
+        assert main(["datasets", "check", "test/cli", "--root", str(tmp_path)]) == 0
+        assert "stuff.tar: sha256 ok" in capsys.readouterr().out
+        assert main(["datasets", "download", "mvtec-ad", "--root", str(tmp_path / "m"), "--quiet"]) == 2
+        assert "no plain-HTTP download" in capsys.readouterr().err  # a form on mvtec.com: by hand only
+    finally:
+        reg._REGISTRY.pop("test/cli", None)

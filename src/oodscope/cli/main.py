@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     persist_default_cache()  # text embeddings (WordNet negatives: ~70k texts) are encoded once per encoder
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted; work written so far is kept and a re-run resumes from it", file=sys.stderr)
         return 130

@@ -192,7 +192,7 @@ def get_spec(name: str) -> DatasetSpec:
     except KeyError:
         close = [n for n in _REGISTRY if name.split("/")[0] in n][:8]
         hint = f"; similar: {', '.join(close)}" if close else ""
-        raise KeyError(f"unknown data set {name!r}{hint} (list_datasets() shows all)") from None
+        raise KeyError(f"unknown data set {name!r}{hint} (`oodscope datasets` or list_datasets() shows all)") from None
 
 
 def data_root() -> Path:
@@ -248,7 +248,8 @@ class CheckReport:
     problems: list[str]
 
     def __str__(self) -> str:
-        head = f"{self.name}: {'OK' if self.ok else 'PROBLEMS'} ({self.n_found} images"
+        found = "no images found" if self.n_found is None else f"{self.n_found} images"
+        head = f"{self.name}: {'OK' if self.ok else 'PROBLEMS'} ({found}"
         head += f", expected {self.n_expected})" if self.n_expected is not None else ", count not documented)"
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 

@@ -92,22 +92,11 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def list_datasets() -> None:
-    from oodscope.evaluation.datasets import list_benchmarks, list_datasets
-
-    print("benchmarks:")
-    for b in list_benchmarks():
-        print(f"  {b.name:<30} {b.description}")
-    print("\ndata sets (offline = loads from installed packages; others: place by hand or download):")
-    for spec in list_datasets():
-        where = "offline" if spec.offline else ("download" if spec.urls else "by hand")
-        n = "" if spec.expected_files is None else f"{spec.expected_files:>6}"
-        print(f"  {spec.name:<40} {where:<8} {n:>6}  {spec.description[:70]}")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.list_datasets:
-        list_datasets()
+        from oodscope.cli.commands.datasets import print_listing
+
+        print_listing()
         return 0
     from oodscope.evaluation.bench import run_benchmark
 

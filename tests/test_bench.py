@@ -416,10 +416,12 @@ def test_detectors_can_be_chosen_per_backbone(data, tmp_path):
         run_benchmark(config(data, [clf], {clf.id: ["msp"], "other": ["msp"]}, tmp_path / "y"))
 
 
-def test_the_leaderboard_config_is_valid():
+def test_the_leaderboard_configs_are_valid():
     from pathlib import Path
 
     cfg = load_config(Path(__file__).parents[1] / "benchmarks" / "configs" / "fashion-mnist-ood.toml")
     assert cfg.benchmark == "fashion-mnist-ood" and cfg.detectors == "all" and cfg.fit_limit == 6000
     create("score_ensemble", **cfg.detector_params["score_ensemble"])
     create("eoe", classes=["T-shirt/top", "Trouser"], **cfg.detector_params["eoe"])
+    layers = load_config(Path(__file__).parents[1] / "benchmarks" / "configs" / "fashion-mnist-ood-layers.toml")
+    assert layers.backbone_options == {"effnet-lite0": {"layers": True}}

@@ -24,6 +24,7 @@ from oodscope.evaluation.audit import (
     prompt_sensitivity,
     prompt_variants,
 )
+from oodscope.evaluation.audit._common import pair_metrics
 from oodscope.evaluation.corruptions import CorruptedSource
 from oodscope.features.extract import extract
 from oodscope.io import ArrayDataset
@@ -427,7 +428,7 @@ def test_stateful_detectors_get_a_fresh_shuffled_stream() -> None:
     rng = np.random.default_rng(0)
     id_f, ood_f = Features(embedding=rng.random((20, 2))), Features(embedding=rng.random((15, 2)) + 0.3)
     det = _Stateful()
-    m = A._pair_metrics(det, id_f, ood_f, None, seed=1)
+    m = pair_metrics(det, id_f, ood_f, None, seed=1)
     assert det.resets == 1 and len(det.streams) == 1 and len(det.streams[0]) == 35
     both = np.concatenate([id_f.embedding[:, 0], ood_f.embedding[:, 0]])
     assert not np.array_equal(det.streams[0], both) and np.array_equal(np.sort(det.streams[0]), np.sort(both))

@@ -10,13 +10,13 @@ parameters, an exception) is recorded with its reason; the run goes on.
 
 Per (backbone, detector, OOD set): AUROC, FPR@95, AUPR-In/Out and detection error (see
 :mod:`oodscope.evaluation.metrics`), near/far/all averages, ID accuracy where a classifier over
-the ID classes exists (see :func:`_id_predictor`), and seconds per stage (extract, fit, score).
+the ID classes exists (:mod:`oodscope.evaluation.bench_accuracy`), and seconds per stage (extract, fit, score).
 
 Memory: with ``stream=True`` features go to the cache and are read back in batches of
 ``stream_batch`` rows; every detector scores each batch, so memory does not grow with the size of
 the test sets. The ID *fit* set is always loaded whole (fitting needs it in memory).
 
-Outputs in ``output``: ``results.csv`` (tidy; ``results.parquet`` too when pyarrow imports),
+Outputs in ``output`` (:mod:`oodscope.evaluation.bench_output`): ``results.csv`` (tidy; ``results.parquet`` too when pyarrow imports),
 ``results.md``, ``results.json`` (config, environment, datasets, rows, failures, timings),
 ``timings.csv``, ``failures.csv``, ``scores/<backbone>/<detector>.safetensors`` (one float64 vector
 per set: ``id`` and each OOD set name) and ``report.html``.
@@ -24,12 +24,9 @@ per set: ``id`` and each OOD set name) and ``report.html``.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import inspect
-import json
 import os
-import platform
 import re
 import sys
 import time
@@ -40,188 +37,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from oodscope.backbones.base import Features, is_vision_language
+from oodscope.evaluation.bench_accuracy import accuracy, id_predictor, labels_are_logit_classes, own_predictions
+from oodscope.evaluation.bench_config import (
+    BenchConfig,
+    OODSet,
+    describe,
+    load_config,
+    parse_ood_flag,
+    resolve_data,
+    spread,
+)
+from oodscope.evaluation.bench_output import environment, write_results
 from oodscope.evaluation.metrics import ood_metrics
-from oodscope.evaluation.tables import METRICS, markdown, ranked_tables  # noqa: F401 - re-exported
+from oodscope.evaluation.tables import METRICS, markdown, ranked_tables
 from oodscope.io import ImageSource, Subset
 
-__all__ = [
+__all__ = [  # the runner, and the names of its sibling modules that callers import from here
     "BenchConfig",
     "BenchResult",
     "OODSet",
+    "environment",
     "load_config",
+    "load_scores",
     "markdown",
+    "parse_ood_flag",
     "ranked_tables",
     "resolve_data",
     "run_benchmark",
+    "spread",
+    "write_results",
 ]
-
-FORMAT = "oodscope-bench"
-FORMAT_VERSION = 1
 
 #: SHE stores one pattern per *classifier* class and looks it up with argmax(logits): when the ID
 #: labels are not the classifier's classes, the classifier's own predictions are its labels.
 LABELS_FROM_CLASSIFIER = {"she"}
-
-
-# ============================================================================ configuration
-@dataclass
-class OODSet:
-    name: str
-    data: Any  # registry name / built-in / path, or an ImageSource
-    kind: str | None = None  # "near", "far" or None
-
-
-@dataclass
-class BenchConfig:
-    """What to run. Data are registry names (``oodscope.evaluation.datasets``), the built-in names of
-    ``oodscope extract`` (``fashion-mnist[:split]``, ``digits``, ``textiles[:kind]``), paths, or
-    ImageSource objects; backbones are spec strings or backbone objects."""
-
-    backbones: list[Any] = field(default_factory=list)
-    #: Names, "all", or per backbone: ``{"effnet-lite0": ["msp", "vim"], "conse:effnet-lite0": ["mcm"]}``.
-    detectors: list[str] | str | dict[str, list[str] | str] = "all"
-    detector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    id: Any = None
-    id_fit: Any = None
-    ood: list[OODSet] = field(default_factory=list)
-    benchmark: str | None = None
-    classes: list[str] | None = None
-    limit: int | None = None
-    fit_limit: int | None = None
-    output: str | os.PathLike = "bench-results"
-    cache_dir: str | os.PathLike | None = None
-    stream: bool = False
-    stream_batch: int = 4096
-    batch_size: int = 64
-    num_workers: int | None = None
-    device: str | None = None
-    backbone_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    model_based: bool = False
-    model_batch_size: int = 32
-    id_accuracy: str = "auto"  # "auto" | "probe" | "off"
-    report: bool = True
-    progress: bool = True
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BenchConfig:
-        data = dict(data)
-        unknown = set(data) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
-        if isinstance(data.get("backbones"), str):
-            data["backbones"] = [data["backbones"]]
-        data["ood"] = [_ood_entry(o) for o in data.get("ood", []) or []]
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able view (objects are shown by their repr / id)."""
-        out = {}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            if name == "ood":
-                value = [{"name": o.name, "data": _describe(o.data), "kind": o.kind} for o in value]
-            elif name == "backbones":
-                value = [b if isinstance(b, str) else getattr(b, "id", repr(b)) for b in value]
-            elif name in ("id", "id_fit"):
-                value = _describe(value)
-            elif isinstance(value, os.PathLike):
-                value = os.fspath(value)
-            out[name] = value
-        return out
-
-
-def _ood_entry(entry: Any) -> OODSet:
-    if isinstance(entry, OODSet):
-        return entry
-    if isinstance(entry, str):
-        return parse_ood_flag(entry)
-    if isinstance(entry, Mapping):
-        return OODSet(name=str(entry["name"]), data=entry["data"], kind=entry.get("kind"))
-    raise ValueError(f"cannot read OOD set {entry!r}: use 'NAME=DATA', 'near:NAME=DATA' or a table")
-
-
-def parse_ood_flag(text: str) -> OODSet:
-    """``NAME=DATA``, ``near:NAME=DATA`` or ``far:NAME=DATA`` (DATA alone: its name is DATA)."""
-    kind = None
-    head, sep, rest = text.partition(":")
-    if sep and head in ("near", "far"):
-        kind, text = head, rest
-    name, sep, data = text.partition("=")
-    if not sep:
-        name, data = re.sub(r"[^A-Za-z0-9_.-]+", "_", text), text
-    if not name or not data:
-        raise ValueError(f"bad OOD set {text!r}: expected NAME=DATA")
-    return OODSet(name=name, data=data, kind=kind)
-
-
-def _describe(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return repr(value)
-
-
-def load_config(path: str | os.PathLike) -> BenchConfig:
-    """A :class:`BenchConfig` from a TOML file (``tomllib``, or ``tomli`` on Python 3.10) or a YAML
-    file (needs PyYAML). Relative paths in ``output`` / ``cache_dir`` stay relative to the cwd."""
-    path = Path(path)
-    text = path.read_bytes()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ImportError("reading a YAML configuration needs PyYAML (pip install pyyaml); "
-                              "or write it as TOML") from None
-        data = yaml.safe_load(text) or {}
-    else:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            try:
-                import tomli as tomllib
-            except ImportError:
-                raise ImportError("reading TOML on Python 3.10 needs tomli (pip install tomli)") from None
-        data = tomllib.loads(text.decode("utf-8"))
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: the configuration must be a table of keys")
-    return BenchConfig.from_dict(data)
-
-
-# ============================================================================ data
-def resolve_data(spec: Any) -> ImageSource:
-    """An ImageSource from a registry name, a built-in name of ``oodscope extract``, or a path."""
-    if isinstance(spec, ImageSource):
-        return spec
-    from oodscope.evaluation import datasets as registry
-
-    text = os.fspath(spec)
-    if not Path(text).exists():
-        try:
-            registry.get_spec(text)
-        except KeyError:
-            pass
-        else:
-            return registry.get_dataset(text)
-    from oodscope.cli.commands.extract import resolve_source
-
-    return resolve_source(text)
-
-
-def spread(n: int, limit: int | None) -> np.ndarray:
-    """``limit`` indices spread evenly over ``range(n)`` (all of them when ``limit`` is None or >= n).
-
-    Evenly spaced rather than the first ``limit``: folder-backed sets are ordered by class, and the
-    first rows would all be one class.
-    """
-    if limit is None or limit >= n:
-        return np.arange(n)
-    if limit < 1:
-        raise ValueError("limit must be >= 1")
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
 @dataclass
@@ -254,14 +105,14 @@ def _plan_sets(cfg: BenchConfig) -> tuple[dict[str, _Set], list[str] | None]:
     names = [o.name for o in oods]
     if len(set(names)) != len(names) or {"id", "id_fit"} & set(names):
         raise ValueError(f"OOD set names must be unique and not 'id'/'id_fit': {names}")
-    sets = {"id": _Set("id", "id", None, _limited(resolve_data(id_spec), cfg.limit), _describe(id_spec))}
+    sets = {"id": _Set("id", "id", None, _limited(resolve_data(id_spec), cfg.limit), describe(id_spec))}
     if fit_spec is not None:
         limit = cfg.fit_limit if cfg.fit_limit is not None else cfg.limit
-        sets["id_fit"] = _Set("id_fit", "id_fit", None, _limited(resolve_data(fit_spec), limit), _describe(fit_spec))
+        sets["id_fit"] = _Set("id_fit", "id_fit", None, _limited(resolve_data(fit_spec), limit), describe(fit_spec))
     for o in oods:
         if o.kind not in (None, "near", "far"):
             raise ValueError(f"OOD set {o.name}: kind must be 'near', 'far' or empty, got {o.kind!r}")
-        sets[o.name] = _Set(o.name, "ood", o.kind, _limited(resolve_data(o.data), cfg.limit), _describe(o.data))
+        sets[o.name] = _Set(o.name, "ood", o.kind, _limited(resolve_data(o.data), cfg.limit), describe(o.data))
     if classes is None:
         classes = sets["id"].source.class_names
     return sets, (list(classes) if classes is not None else None)
@@ -619,7 +470,7 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
                     timing(entry.name, "load_fit", time.perf_counter() - load_started, set_name="id_fit")
                     started, cpu_started = time.perf_counter(), time.process_time()
                 if name in LABELS_FROM_CLASSIFIER and labels is not None and fit_features.logits is not None \
-                        and not _labels_are_logit_classes(fit_features, classes):
+                        and not labels_are_logit_classes(fit_features, classes):
                     labels = np.asarray(fit_features.logits).argmax(axis=1)
                     note = "fitted with the classifier's own predictions as labels (ID labels are not its classes)"
                 if text:
@@ -636,7 +487,7 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
     predictor = None
     if cfg.id_accuracy != "off" and labels_aligned:
         loaded = fit_features
-        predictor = _id_predictor(entry, fit, lambda: loaded if loaded is not None else fit.all(), classes, cfg,
+        predictor = id_predictor(entry, fit, lambda: loaded if loaded is not None else fit.all(), classes, cfg,
                                   timing)
     fit_features = loaded = None  # fitted detectors keep what they need; free the rest before scoring
     shared_predictions: list[np.ndarray] = []
@@ -652,7 +503,7 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
                     run.score_seconds += time.perf_counter() - started
                     run.score_cpu += time.process_time() - cpu_started
                     if set_name == "id" and cfg.id_accuracy != "off":
-                        own = _own_predictions(run, feats)
+                        own = own_predictions(run, feats)
                         if own is not None:
                             run.predictions.append(own)
                 except Exception as err:  # noqa: BLE001
@@ -681,7 +532,7 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
         note = "; ".join(x for x in (run.note, *run.detector.fit_info_.get("warnings", []), inf_note) if x)
         timing(entry.name, "fit", run.fit_seconds, detector=run.name, cpu_seconds=run.fit_cpu)
         timing(entry.name, "score", run.score_seconds, detector=run.name, cpu_seconds=run.score_cpu)
-        acc, acc_source = _accuracy(run, shared, predictor, id_labels, classes)
+        acc, acc_source = accuracy(run, shared, predictor, id_labels, classes)
         rel = Path("scores") / _slug(entry.name) / f"{_slug(run.name)}.safetensors"
         _save_scores(out / rel, scores, {"backbone": entry.name, "detector": run.name})
         score_files[run.name] = rel.as_posix()
@@ -735,86 +586,6 @@ def _provided_fields(feature_set: _FeatureSet) -> set[str]:
     return set() if first is None else first.available()
 
 
-def _labels_are_logit_classes(features: Features, classes: list[str] | None) -> bool:
-    names = features.class_names
-    width = np.asarray(features.logits).shape[1]
-    if classes is None:
-        return False
-    if names is not None:
-        return list(names) == list(classes)
-    return width == len(classes)
-
-
-def _own_predictions(run: _Run, feats: Features) -> np.ndarray | None:
-    """Class predictions of detectors that are classifiers over the ID classes themselves."""
-    det = run.detector
-    logits = getattr(det, "logits", None)
-    with torch.no_grad():
-        if callable(logits):
-            inputs = det._inputs(feats)
-            x = inputs.get("x", inputs.get("embedding"))
-            run.accuracy_source = "detector (its own classifier)"
-            return logits(x).argmax(dim=1).cpu().numpy()
-        if "class_text" in getattr(det, "state_", {}) and feats.embedding is not None:
-            x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(feats.embedding), dtype=torch.float32), dim=1)
-            text = det.state_["class_text"].to(torch.float32)
-            run.accuracy_source = "zero-shot (argmax cosine to class prompts)"
-            return (x @ text.T).argmax(dim=1).cpu().numpy()
-    return None
-
-
-def _id_predictor(entry, fit, get_fit, classes, cfg, timing):
-    """Backbone-level ID classifier shared by detectors without their own.
-
-    ``auto``: the backbone's logits when they are over the ID classes (a classifier trained on the ID
-    data); otherwise a linear probe (L2-normalized embedding, logistic regression, C=1) fitted on the
-    ID fit set. ``probe``: always the probe. Returns ``None`` (no ID accuracy) without labels.
-    """
-    from oodscope.detectors._linear_probe import fit_linear_probe, probe_logits
-
-    def from_logits(feats: Features) -> np.ndarray:
-        return np.asarray(feats.logits).argmax(axis=1)
-
-    base_names = getattr(entry.base, "class_names", None)
-    if cfg.id_accuracy == "auto" and classes is not None and base_names is not None \
-            and list(base_names) == list(classes):
-        from_logits.source = "classifier logits"  # type: ignore[attr-defined]
-        return from_logits
-    if fit is None or fit.labels is None or (fit.labels < 0).any():
-        return None
-    started = time.perf_counter()
-    feats = get_fit()
-    if cfg.id_accuracy == "auto" and feats.logits is not None and classes is not None \
-            and feats.class_names is None and np.asarray(feats.logits).shape[1] == len(classes):
-        # A classifier whose head has as many outputs as there are ID classes and no names of its
-        # own: taken to be trained on the ID classes, in their order.
-        from_logits.source = "classifier logits (unnamed, same number of classes)"  # type: ignore[attr-defined]
-        return from_logits
-    weight, bias = fit_linear_probe(feats.embedding, fit.labels, C=1.0, normalize=True)
-    w, b = torch.from_numpy(weight), torch.from_numpy(bias)
-    timing(entry.name, "id_probe", time.perf_counter() - started)
-
-    def probe(batch: Features) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(batch.embedding), dtype=torch.float32)
-        return probe_logits(x, w, b).argmax(dim=1).numpy()
-
-    probe.source = "linear probe on the ID fit set (embedding, C=1)"  # type: ignore[attr-defined]
-    return probe
-
-
-def _accuracy(run, shared, predictor, labels, classes):
-    if labels is None or (labels < 0).any():
-        return None, ""
-    if run.predictions:
-        pred = np.concatenate(run.predictions)
-        if classes is not None and getattr(run.detector, "classes", None) not in (None, list(classes)):
-            return None, "detector classes differ from the ID class names"
-        return float(np.mean(pred == labels)), run.accuracy_source
-    if shared is not None:
-        return float(np.mean(shared == labels)), predictor.source
-    return None, ""
-
-
 def _score_with_model(run: _Run, entry, feature_sets, sets, cfg) -> None:
     """Model-in-the-loop scoring: re-decode the images that extraction read, preprocess, run the network."""
     from tqdm.auto import tqdm
@@ -865,62 +636,3 @@ def _save_scores(path: Path, scores: dict[str, np.ndarray], meta: dict[str, str]
     save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in scores.items()}, str(path), metadata=meta)
 
 
-# ============================================================================ environment and writing
-def environment(started_at: dt.datetime | None = None) -> dict[str, Any]:
-    import oodscope
-
-    env = {
-        "date": (started_at or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds"),
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(), "numpy": np.__version__, "oodscope": oodscope.__version__,
-    }
-    try:
-        env["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("model name"))
-    except (OSError, StopIteration):
-        env["cpu"] = platform.processor()
-    return env
-
-
-ROW_FIELDS = ("backbone", "detector", "set", "kind", *METRICS, "n_id", "n_ood", "id_accuracy",
-              "id_accuracy_source", "fit_s", "score_s", "note")
-
-
-def write_results(result: BenchResult) -> None:
-    out = result.output
-    _write_csv(out / "results.csv", ROW_FIELDS, result.rows)
-    _write_csv(out / "timings.csv", ("backbone", "stage", "detector", "set", "seconds", "cpu_seconds"), result.timings)
-    _write_csv(out / "failures.csv", ("backbone", "detector", "stage", "reason"), result.failures)
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        pass
-    else:
-        columns = {k: [r.get(k) for r in result.rows] for k in ROW_FIELDS}
-        pq.write_table(pa.table(columns), out / "results.parquet")
-    payload = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "config": result.config,
-        "environment": result.environment, "datasets": result.datasets, "results": result.rows,
-        "failures": result.failures, "timings": result.timings, "scores": result.scores,
-    }
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=_json_default))
-    (out / "results.md").write_text(markdown(payload))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return value.as_posix()
-    return repr(value)
-
-
-def _write_csv(path: Path, fields: Sequence[str], rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})

@@ -1,0 +1,175 @@
+"""What ``oodscope bench`` runs: :class:`BenchConfig` (from keyword arguments, a dict, TOML or YAML),
+OOD set flags, and how a data spec (registry name, built-in, path, ImageSource) becomes images."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oodscope.io import ImageSource
+
+
+# ============================================================================ configuration
+@dataclass
+class OODSet:
+    name: str
+    data: Any  # registry name / built-in / path, or an ImageSource
+    kind: str | None = None  # "near", "far" or None
+
+
+@dataclass
+class BenchConfig:
+    """What to run. Data are registry names (``oodscope.evaluation.datasets``), the built-in names of
+    ``oodscope extract`` (``fashion-mnist[:split]``, ``digits``, ``textiles[:kind]``), paths, or
+    ImageSource objects; backbones are spec strings or backbone objects."""
+
+    backbones: list[Any] = field(default_factory=list)
+    #: Names, "all", or per backbone: ``{"effnet-lite0": ["msp", "vim"], "conse:effnet-lite0": ["mcm"]}``.
+    detectors: list[str] | str | dict[str, list[str] | str] = "all"
+    detector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    id: Any = None
+    id_fit: Any = None
+    ood: list[OODSet] = field(default_factory=list)
+    benchmark: str | None = None
+    classes: list[str] | None = None
+    limit: int | None = None
+    fit_limit: int | None = None
+    output: str | os.PathLike = "bench-results"
+    cache_dir: str | os.PathLike | None = None
+    stream: bool = False
+    stream_batch: int = 4096
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str | None = None
+    backbone_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_based: bool = False
+    model_batch_size: int = 32
+    id_accuracy: str = "auto"  # "auto" | "probe" | "off"
+    report: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BenchConfig:
+        data = dict(data)
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+        if isinstance(data.get("backbones"), str):
+            data["backbones"] = [data["backbones"]]
+        data["ood"] = [_ood_entry(o) for o in data.get("ood", []) or []]
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view (objects are shown by their repr / id)."""
+        out = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "ood":
+                value = [{"name": o.name, "data": describe(o.data), "kind": o.kind} for o in value]
+            elif name == "backbones":
+                value = [b if isinstance(b, str) else getattr(b, "id", repr(b)) for b in value]
+            elif name in ("id", "id_fit"):
+                value = describe(value)
+            elif isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            out[name] = value
+        return out
+
+
+def _ood_entry(entry: Any) -> OODSet:
+    if isinstance(entry, OODSet):
+        return entry
+    if isinstance(entry, str):
+        return parse_ood_flag(entry)
+    if isinstance(entry, Mapping):
+        return OODSet(name=str(entry["name"]), data=entry["data"], kind=entry.get("kind"))
+    raise ValueError(f"cannot read OOD set {entry!r}: use 'NAME=DATA', 'near:NAME=DATA' or a table")
+
+
+def parse_ood_flag(text: str) -> OODSet:
+    """``NAME=DATA``, ``near:NAME=DATA`` or ``far:NAME=DATA`` (DATA alone: its name is DATA)."""
+    kind = None
+    head, sep, rest = text.partition(":")
+    if sep and head in ("near", "far"):
+        kind, text = head, rest
+    name, sep, data = text.partition("=")
+    if not sep:
+        name, data = re.sub(r"[^A-Za-z0-9_.-]+", "_", text), text
+    if not name or not data:
+        raise ValueError(f"bad OOD set {text!r}: expected NAME=DATA")
+    return OODSet(name=name, data=data, kind=kind)
+
+
+def describe(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return repr(value)
+
+
+def load_config(path: str | os.PathLike) -> BenchConfig:
+    """A :class:`BenchConfig` from a TOML file (``tomllib``, or ``tomli`` on Python 3.10) or a YAML
+    file (needs PyYAML). Relative paths in ``output`` / ``cache_dir`` stay relative to the cwd."""
+    path = Path(path)
+    text = path.read_bytes()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError("reading a YAML configuration needs PyYAML (pip install pyyaml); "
+                              "or write it as TOML") from None
+        data = yaml.safe_load(text) or {}
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ImportError("reading TOML on Python 3.10 needs tomli (pip install tomli)") from None
+        data = tomllib.loads(text.decode("utf-8"))
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: the configuration must be a table of keys")
+    return BenchConfig.from_dict(data)
+
+
+# ============================================================================ data
+def resolve_data(spec: Any) -> ImageSource:
+    """An ImageSource from a registry name, a built-in name of ``oodscope extract``, or a path."""
+    if isinstance(spec, ImageSource):
+        return spec
+    from oodscope.evaluation import datasets as registry
+
+    text = os.fspath(spec)
+    if not Path(text).exists():
+        try:
+            registry.get_spec(text)
+        except KeyError:
+            pass
+        else:
+            return registry.get_dataset(text)
+    from oodscope.cli.commands.extract import resolve_source
+
+    return resolve_source(text)
+
+
+def spread(n: int, limit: int | None) -> np.ndarray:
+    """``limit`` indices spread evenly over ``range(n)`` (all of them when ``limit`` is None or >= n).
+
+    Evenly spaced rather than the first ``limit``: folder-backed sets are ordered by class, and the
+    first rows would all be one class.
+    """
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit < 1:
+        raise ValueError("limit must be >= 1")
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+

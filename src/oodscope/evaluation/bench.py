@@ -16,8 +16,9 @@ Memory: with ``stream=True`` features go to the cache and are read back in batch
 ``stream_batch`` rows; every detector scores each batch, so memory does not grow with the size of
 the test sets. The ID *fit* set is always loaded whole (fitting needs it in memory).
 
-Outputs in ``output`` (:mod:`oodscope.evaluation.bench_output`): ``results.csv`` (tidy; ``results.parquet`` too when pyarrow imports),
-``results.md``, ``results.json`` (config, environment, datasets, rows, failures, timings),
+Outputs in ``output`` (:mod:`oodscope.evaluation.bench_output`): ``results.csv`` (tidy;
+``results.parquet`` too when pyarrow imports), ``results.md``, ``results.json`` (config, environment,
+datasets, rows, failures, timings),
 ``timings.csv``, ``failures.csv``, ``scores/<backbone>/<detector>.safetensors`` (one float64 vector
 per set: ``id`` and each OOD set name) and ``report.html``.
 """

@@ -162,6 +162,11 @@ class AuditRecord:
     """JSON round trip of an audit result dataclass: its fields plus its ``kind``."""
 
     kind: ClassVar[str] = ""
+    n_ood: dict[str, int]  # a field of every audit result
+
+    @property
+    def ood_sets(self) -> list[str]:
+        return list(self.n_ood)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"kind": self.kind}

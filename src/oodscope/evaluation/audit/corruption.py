@@ -90,10 +90,6 @@ class CorruptionAuditResult(AuditRecord):
     seconds: float = 0.0
     n_failed: int = 0
 
-    @property
-    def ood_sets(self) -> list[str]:
-        return list(self.n_ood)
-
     def curve(self, detector: str, corruption: str = MEAN_KEY, metric: str = "auroc",
               ood_set: str | None = None) -> tuple[list[int], list[float]]:
         """(severities, metric) for one detector; averaged over OOD sets unless ``ood_set`` is given."""

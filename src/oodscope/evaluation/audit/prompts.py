@@ -259,10 +259,6 @@ class PromptAuditResult(AuditRecord):
     seconds: float = 0.0
     n_failed: int = 0
 
-    @property
-    def ood_sets(self) -> list[str]:
-        return list(self.n_ood)
-
     def variant(self, variant_id: str) -> dict[str, Any]:
         return next(v for v in self.variants if v["id"] == variant_id)
 

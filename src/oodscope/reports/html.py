@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from oodscope.evaluation.tables import ranked_tables
+from oodscope.evaluation.tables import RankedTable, ranked_tables
 from oodscope.reports import plots
 
 __all__ = ["render_report", "write_audit_report"]
@@ -127,15 +127,14 @@ def _load_scores(results_dir: Path, rel: str) -> dict[str, np.ndarray]:
     return dict(load_file(str(results_dir / rel)))
 
 
-def _summary_section(payload: Mapping[str, Any]) -> list[str]:
+def _summary_section(payload: Mapping[str, Any], tables: Sequence[RankedTable]) -> list[str]:
     rows = payload["results"]
     out = ["<h2 id='results'>Results</h2>",
            "<p>AUROC and FPR@95 in % for each OOD set, then averages over the near-OOD, far-OOD and all "
            "sets. Best AUROC (highest) and FPR@95 (lowest) per column in bold. Scores are higher = more OOD; "
            "FPR@95 is the share of OOD images accepted as ID at the threshold that accepts 95 % of the ID "
            "images. Detectors are sorted by AUROC on the all-OOD average, best first.</p>"]
-    ood_sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
-    for table in ranked_tables(rows, ood_sets):
+    for table in tables:
         backbone = table.backbone
         mine = [r for r in rows if r["backbone"] == backbone]
         sets = list(dict.fromkeys(r["set"] for r in mine))
@@ -176,21 +175,22 @@ def _summary_section(payload: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _figures_section(results_dir: Path, payload: Mapping[str, Any], max_histograms: int | None) -> list[str]:
+def _figures_section(results_dir: Path, payload: Mapping[str, Any], tables: Sequence[RankedTable],
+                     max_histograms: int | None) -> list[str]:
     rows = payload["results"]
     ood_sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
     out = ["<h2 id='figures'>Figures</h2>"]
     if not plots.available():
         return out + ["<p class='note'>Figures need matplotlib (pip install 'oodscope[plots]'); "
                       "the tables above are complete without them.</p>"]
-    best_first = {t.backbone: t.detectors for t in ranked_tables(rows, ood_sets)}
+    best_first = {t.backbone: t.detectors for t in tables}
     for backbone, files in payload.get("scores", {}).items():
         mine = [r for r in rows if r["backbone"] == backbone]
         # Best first, as in the tables; rows repeated from another backbone get no figures.
         detectors = [d for d in best_first.get(backbone, list(files)) if d in files]
         if not detectors:
             continue
-        scores = {det: _load_scores(results_dir, rel) for det, rel in files.items()}
+        scores = {det: _load_scores(results_dir, files[det]) for det in detectors}
         out.append(f"<h3 id='{_anchor('figures', backbone)}'>{_e(backbone)}</h3>")
         # Overview heat map of AUROC.
         averages = [s for s in ("near-average", "far-average", "all-average") if any(r["set"] == s for r in mine)]
@@ -206,9 +206,9 @@ def _figures_section(results_dir: Path, payload: Mapping[str, Any], max_histogra
         # ROC curves per OOD set (best detectors on that set).
         figs = []
         for s in ood_sets:
-            ranked = sorted((r for r in mine if r["set"] == s), key=lambda r: -r["auroc"])[:MAX_ROC_CURVES]
-            curves = {r["detector"]: (scores[r["detector"]]["id"], scores[r["detector"]][s])
-                      for r in ranked if s in scores.get(r["detector"], {})}
+            ranked = sorted((r for r in mine if r["set"] == s and s in scores.get(r["detector"], {})),
+                            key=lambda r: -r["auroc"])[:MAX_ROC_CURVES]
+            curves = {r["detector"]: (scores[r["detector"]]["id"], scores[r["detector"]][s]) for r in ranked}
             if curves:
                 figs.append(_img(plots.roc_png(curves, f"ROC: ID vs {s}"),
                                  f"{backbone}: ROC curves, ID vs {s} (best {len(curves)} detectors by AUROC)", 470))
@@ -381,12 +381,14 @@ def render_report(
                f"Python {_e(env.get('python', ''))} · torch {_e(env.get('torch', ''))} · "
                f"{_e(env.get('cpu_count', ''))} CPU(s)")
         body += [f"<h1>{_e(heading)}</h1>", f"<p class='meta'>{sub}</p>"]
-        body += _summary_section(payload)
+        ood_sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
+        tables = ranked_tables(payload["results"], ood_sets)
+        body += _summary_section(payload, tables)
         nav.append(("results", "Results"))
         for i, (heading, fragment) in enumerate(sections):
             body += [f"<h2 id='extra-{i}'>{_e(heading)}</h2>", fragment]
             nav.append((f"extra-{i}", heading))
-        body += _figures_section(results_dir, payload, max_histograms)
+        body += _figures_section(results_dir, payload, tables, max_histograms)
         nav.append(("figures", "Figures"))
         failures = _failures_section(payload)
         if failures:

@@ -47,6 +47,13 @@ def logit_scorer(scoring: str, scoring_params: Mapping[str, Any] | None, who: st
         raise DetectorError(f"{who}: bad scoring_params for {scoring!r}: {err}") from None
 
 
+def set_logit_scoring(detector: Detector, scoring: str, scoring_params: Mapping[str, Any] | None) -> None:
+    """Store ``scoring`` / ``scoring_params`` as given (hyper-parameters) and the scorer they build."""
+    detector.scoring = scoring
+    detector.scoring_params = None if scoring_params is None else dict(scoring_params)
+    detector._scorer = logit_scorer(scoring, scoring_params, detector.name)
+
+
 def score_logits(scorer: Detector, logits: torch.Tensor) -> torch.Tensor:
     """OOD score of each row of ``logits`` (higher = more OOD) with an output detector."""
     return scorer._score({"logits": logits})

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from oodscope.detectors import _gaussian as g
-from oodscope.detectors._fewshot import FewShotTextDetector, check_positive, logit_scorer, score_logits
+from oodscope.detectors._fewshot import FewShotTextDetector, check_positive, score_logits, set_logit_scoring
 from oodscope.detectors.base import DetectorError, register
 
 
@@ -72,9 +72,7 @@ class GDA(FewShotTextDetector):
         self._set_text_params(classes, templates, custom_prompts, descriptions)
         self.alpha = check_positive(alpha, "alpha", self.name, allow_zero=True)
         self.logit_scale = check_positive(logit_scale, "logit_scale", self.name)
-        self.scoring = scoring
-        self.scoring_params = None if scoring_params is None else dict(scoring_params)
-        self._scorer = logit_scorer(scoring, scoring_params, self.name)
+        set_logit_scoring(self, scoring, scoring_params)
 
     def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         x = torch.nn.functional.normalize(inputs["embedding"].to(torch.float64), dim=-1)

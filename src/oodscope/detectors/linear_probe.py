@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from oodscope.detectors._feature_select import FeatureField
-from oodscope.detectors._fewshot import check_positive, logit_scorer, score_logits
+from oodscope.detectors._fewshot import check_positive, score_logits, set_logit_scoring
 from oodscope.detectors._linear_probe import fit_linear_probe, probe_logits
 from oodscope.detectors.base import Detector, DetectorError, register
 
@@ -53,10 +53,8 @@ class LinearProbe(FeatureField, Detector):
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise DetectorError(f"{self.name}: max_iter must be a positive integer, got {max_iter!r}")
         self.max_iter = max_iter
-        self.scoring = scoring
-        self.scoring_params = None if scoring_params is None else dict(scoring_params)
         self._check_feature(feature)
-        self._scorer = logit_scorer(scoring, scoring_params, self.name)
+        set_logit_scoring(self, scoring, scoring_params)
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
         self._record_fields()

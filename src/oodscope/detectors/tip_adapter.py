@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from oodscope.detectors._fewshot import FewShotTextDetector, check_positive, logit_scorer, score_logits
+from oodscope.detectors._fewshot import FewShotTextDetector, check_positive, score_logits, set_logit_scoring
 from oodscope.detectors.base import register
 
 
@@ -49,9 +49,7 @@ class TipAdapter(FewShotTextDetector):
         self.alpha = check_positive(alpha, "alpha", self.name, allow_zero=True)
         self.beta = check_positive(beta, "beta", self.name, allow_zero=True)
         self.logit_scale = check_positive(logit_scale, "logit_scale", self.name)
-        self.scoring = scoring
-        self.scoring_params = None if scoring_params is None else dict(scoring_params)
-        self._scorer = logit_scorer(scoring, scoring_params, self.name)
+        set_logit_scoring(self, scoring, scoring_params)
 
     def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         keys = torch.nn.functional.normalize(inputs["embedding"].to(torch.float32), dim=-1)

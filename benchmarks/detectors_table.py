@@ -10,7 +10,7 @@ What it does (protocol in ``benchmarks/common.py``):
    logits / penultimate / weight / bias / embedding) is created with its default hyper-parameters,
    fitted on ``id_fit`` (6 x 1,000 Fashion-MNIST training images; labels 0..5 where the method needs
    them) and scored on the ID test set and the three OOD sets.
-2. **Tuned column.** Methods with a search grid in ``oodscope.detectors.tune`` are tuned with
+2. **Tuned column.** Methods with a search grid in ``oodscope.evaluation.tune`` are tuned with
    ``tune``: candidates are fitted on 5/6 of ``id_fit`` (stratified, fixed seed); validation ID = the
    other 1/6 of ``id_fit``; validation OOD = the first 100 *training* images of each near-OOD class
    (Pullover, Coat, Shirt, Ankle boot), which are in no test set. The winner is refitted on the whole
@@ -51,7 +51,7 @@ from oodscope.backbones import create as create_backbone
 from oodscope.backbones.preprocess import preprocess
 from oodscope.detectors import create, registered
 from oodscope.detectors.base import Detector, DetectorError
-from oodscope.detectors.tune import default_grid, tune
+from oodscope.evaluation.tune import default_grid, tune
 from oodscope.evaluation.metrics import ood_metrics
 from oodscope.features.extract import extract
 from oodscope.io import fashion_mnist_ood
@@ -483,7 +483,7 @@ def render(plan: Plan, data: ProtocolFeatures, runs: dict[str, Run], tuned: dict
         out += [
             "### Tuned hyper-parameters",
             "",
-            "`oodscope.detectors.tune.tune` with each method's default grid (OpenOOD v1.5 sweeps, see "
+            "`oodscope.evaluation.tune.tune` with each method's default grid (OpenOOD v1.5 sweeps, see "
             "`docs/tuning.md`), selecting by validation AUROC. Candidates are fitted on 5/6 of `id_fit` "
             f"(stratified, seed {args.seed}); validation ID = the remaining 1/6 of `id_fit`; validation OOD = the "
             f"first {args.val_ood_per_class} Fashion-MNIST *training* images of each near-OOD class "

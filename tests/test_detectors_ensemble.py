@@ -162,7 +162,7 @@ def test_vision_language_members_get_the_text_encoder(tmp_path: Path) -> None:
         saturated.fit(FIT, Y, text_encoder=ENC)
     members = [("gda", {"classes": CLASSES, "scoring": "energy"}), ("mcm", {"classes": CLASSES, "temperature": 0.05})]
     ens = create("score_ensemble", members=members)
-    assert ens.needs_labels and ens.needs_text_encoder and ens.requires == ("embedding",)
+    assert ens.fit_needs().labels and ens.fit_needs().text_encoder and ens.fields() == ("embedding",)
     with pytest.raises(DetectorError, match="text_encoder"):
         ens.fit(FIT, Y)
     ens.fit(FIT, Y, text_encoder=ENC)

@@ -278,7 +278,7 @@ def test_cooked_with_a_users_closed_world_logits() -> None:
     fit, y = cooked_inputs()
     own = np.random.default_rng(1).standard_normal((len(y), 3)) * 4  # "your model" over the 3 ID classes
     det = create("cooked", classes=CLASSES, closed_world="logits")
-    assert det.requires == ("embedding", "logits")
+    assert det.fields() == ("embedding", "logits")
     det.fit({"embedding": fit["embedding"], "logits": own}, y, text_encoder=ENC)
     emb = unit(fit["embedding"])
     p_vlm = LogisticRegression(C=1.0, max_iter=1000).fit(emb, y).predict_proba(emb)
@@ -376,7 +376,7 @@ def test_fit_contract_errors() -> None:
         with pytest.raises(DetectorError, match="dimension"):
             det.fit({"embedding": np.ones((len(y), 5)), "penultimate": fit["penultimate"]}, y, text_encoder=ENC)
         assert not det.is_fitted_
-        assert type(det).needs_labels and type(det).needs_text_encoder
+        assert det.fit_needs().labels and det.fit_needs().text_encoder and det.fit_needs().features
     with pytest.raises(DetectorError, match="labels"):
         create("linear_probe").fit(XF)
     for bad in ({"alpha": -1.0}, {"logit_scale": 0.0}, {"scoring": "entropy"}):

@@ -263,7 +263,7 @@ def test_weighted_energy_weights():
     np.testing.assert_allclose(dropped, ref_energy(z[:, [0, 3]]), rtol=1e-12)
     with pytest.raises(DetectorError, match="4 classes"):
         make("weighted_energy", class_weights=[1.0, 1.0]).score(z)
-    with pytest.raises(TypeError):
+    with pytest.raises(DetectorError, match="missing required parameter"):
         create("weighted_energy")  # no default: the weights come from VOS training
     with pytest.raises(DetectorError):
         create("weighted_energy", class_weights=[0.0, -1.0])

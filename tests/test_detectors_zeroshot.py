@@ -136,7 +136,7 @@ def test_zero_shot_fit_contract() -> None:
         create("mcm", classes="cat")
     with pytest.raises(DetectorError, match="unique"):
         create("mcm", classes=["cat", "cat"])
-    assert type(det).needs_text_encoder
+    assert det.fit_needs().text_encoder and det.fit_needs().classes and not det.fit_needs().features
 
 
 def test_prompt_options_reach_the_detector() -> None:

@@ -12,7 +12,8 @@ import torch
 from oodscope.backbones.base import ClassifierParts, Features, InputSpec
 from oodscope.detectors import Detector, DetectorError, create, registered
 from oodscope.detectors import base as detector_base
-from oodscope.detectors.tune import DEFAULT_GRIDS, GRID_SOURCES, METRICS, default_grid, tune, tune_model_based
+from oodscope.detectors.kinds import DetectorKind
+from oodscope.evaluation.tune import DEFAULT_GRIDS, GRID_SOURCES, METRICS, default_grid, tune, tune_model_based
 
 
 # --------------------------------------------------------------------- independent metric references
@@ -33,6 +34,7 @@ class Probe(Detector):
     """Score = embedding[:, column] - (mean of that column on the fitted data); logs what it sees."""
 
     name = "tune_probe"
+    kind = DetectorKind.FEATURE
     requires = ("embedding",)
     needs_fit = True
     seen: list[tuple[str, float]] = []

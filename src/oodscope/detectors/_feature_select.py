@@ -9,10 +9,10 @@ that mix in :class:`FeatureField` take a ``feature`` parameter:
   choice is made once, at fit time, recorded in ``fit_info_["feature"]`` (so it is saved), and the
   same field is then required at score time.
 
-Because the field is a parameter, ``requires`` is set **per instance** (the base class reads
-``self.requires``): the class attribute states the minimum the method needs before fitting (for
-``"auto"``: ``embedding``, which every backbone provides), and the instance attribute is rewritten
-to the exact fields each time inputs are gathered. Inside ``_fit`` / ``_score`` the selected
+Because the field is a parameter, what an instance reads is answered by ``fields()`` (the class
+attribute ``requires`` states the minimum the method needs before fitting — for ``"auto"``:
+``embedding``, which every backbone provides — and is never rewritten). After fitting,
+``fields()`` is the exact list recorded by the fit. Inside ``_fit`` / ``_score`` the selected
 matrix is available as ``inputs["x"]``.
 
 ``optional_fields`` (e.g. ``bias``) are read when present at fit time; whether they were present
@@ -57,23 +57,19 @@ class FeatureField:
     feature_choices: ClassVar[tuple[str, ...]] = FEATURE_CHOICES
 
     feature: str
-    _fitting: bool = False
 
     def _check_feature(self, feature: str) -> None:
         if feature not in self.feature_choices:
             raise DetectorError(
                 f"{self.name}: feature must be one of {list(self.feature_choices)}, got {feature!r}"
             )
-        # Before fitting, advertise the field that will be read (auto: embedding, always present).
-        first = "embedding" if feature == "auto" else feature
-        self.requires = (first, *self.extra_requires)
 
-    def fit(self, features: Any, labels: Any = None) -> Any:
-        self._fitting = True
-        try:
-            return super().fit(features, labels)
-        finally:
-            self._fitting = False
+    def fields(self) -> tuple[str, ...]:
+        if self.is_fitted_ and "feature" in self.fit_info_:
+            return (self.fit_info_["feature"], *self.extra_requires, *self.fit_info_.get("optional", ()))
+        # Before fitting, advertise the field that will be read (auto: embedding, always present).
+        first = "embedding" if self.feature == "auto" else self.feature
+        return (first, *self.extra_requires)
 
     def _selected_field(self, features: Any) -> str:
         if self.feature != "auto":
@@ -84,16 +80,15 @@ class FeatureField:
             return "penultimate" if has_field(features, "penultimate") else "embedding"
         return self.fit_info_.get("feature", "embedding")
 
-    def _inputs(self, features: Any) -> dict[str, Any]:
+    def _inputs(self, features: Any, fields: tuple[str, ...] | None = None) -> dict[str, Any]:
         field = self._selected_field(features)
         if self._fitting:
             optional = tuple(f for f in self.optional_fields if has_field(features, f))
         else:
             optional = tuple(self.fit_info_.get("optional", ()))
-        self.requires = (field, *self.extra_requires, *optional)
         self._field_now = field
         self._optional_now = optional
-        inputs = super()._inputs(features)
+        inputs = super()._inputs(features, (field, *self.extra_requires, *optional))
         inputs["x"] = inputs.pop(field)
         if inputs["x"].ndim != 2:
             raise DetectorError(

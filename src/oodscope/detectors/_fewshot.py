@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from oodscope.detectors._zeroshot import ZeroShotDetector
-from oodscope.detectors.base import ArrayLike, Detector, DetectorError, FeatureInput, create
+from oodscope.detectors.base import Detector, DetectorError, create
+from oodscope.detectors.kinds import DetectorKind
 from oodscope.text.prompts import TextEmbeddingCache
 
 #: Output detectors that can turn the ensembled logits into a score.
@@ -43,7 +44,7 @@ def logit_scorer(scoring: str, scoring_params: Mapping[str, Any] | None, who: st
         raise DetectorError(f"{who}: scoring_params must be a dict of {scoring!r}'s parameters")
     try:
         return create(scoring, **dict(scoring_params or {}))
-    except TypeError as err:
+    except (TypeError, DetectorError) as err:
         raise DetectorError(f"{who}: bad scoring_params for {scoring!r}: {err}") from None
 
 
@@ -70,53 +71,28 @@ def check_positive(value: float, name: str, who: str, *, allow_zero: bool = Fals
 class FewShotTextDetector(ZeroShotDetector):
     """A zero-shot detector that also learns from labelled ID image embeddings at fit time."""
 
+    kind: ClassVar[DetectorKind] = DetectorKind.FEW_SHOT
     needs_labels: ClassVar[bool] = True
 
-    def fit(
+    def _fit_from(
         self,
-        features: FeatureInput | None = None,
-        labels: ArrayLike | None = None,
+        inputs: dict[str, torch.Tensor] | None,
+        labels: torch.Tensor | None,
         *,
         text_encoder: Any = None,
         cache: TextEmbeddingCache | None = None,
-        **text_inputs: Any,
-    ) -> FewShotTextDetector:
-        """Encode the class prompts with ``text_encoder`` and learn from ``features``/``labels``."""
-        if text_encoder is None or not callable(getattr(text_encoder, "encode_texts", None)):
-            raise DetectorError(
-                f"{self.name}: fit needs text_encoder=backbone (a vision-language backbone, or any object "
-                "with encode_texts(list[str])) to build the zero-shot classifier from the class names"
-            )
-        if features is None:
-            raise DetectorError(f"{self.name}: fit needs the labelled in-distribution features (few-shot method)")
-        if labels is None:
-            raise DetectorError(f"{self.name}: fit needs the class labels (0..K-1, in the order of classes)")
-        inputs = self._inputs(features)
-        label_tensor = self._check_labels(labels, len(inputs["embedding"]))
-        super().fit(None, text_encoder=text_encoder, cache=cache, **text_inputs)
-        try:
-            self._check_dim(inputs["embedding"])
-            with torch.no_grad():
-                self._fit_images(inputs, label_tensor)
-        except BaseException:
-            self.is_fitted_ = False
-            raise
-        self.fit_info_["num_fit"] = int(len(label_tensor))
-        return self
-
-    def _check_labels(self, labels: ArrayLike, rows: int) -> torch.Tensor:
-        y = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-        if y.ndim != 1 or len(y) != rows:
-            raise DetectorError(f"{self.name}: labels must be 1-D with one label per image ({rows}), got {y.shape}")
-        if len(y) == 0:
-            raise DetectorError(f"{self.name}: fit needs at least one labelled image")
-        if not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
-            raise DetectorError(f"{self.name}: labels must be integer class indices")
-        y = y.astype(np.int64)
+        **options: Any,
+    ) -> None:
+        """Encode the class prompts with ``text_encoder``, then learn from the labelled ID features."""
         k = len(self.classes)
-        if y.min() < 0 or y.max() >= k:
+        if len(labels) == 0:
+            raise DetectorError(f"{self.name}: fit needs at least one labelled image")
+        if int(labels.min()) < 0 or int(labels.max()) >= k:
             raise DetectorError(f"{self.name}: labels must lie in [0, {k}) (one index per entry of classes)")
-        return torch.from_numpy(y)
+        super()._fit_from(None, None, text_encoder=text_encoder, cache=cache, **options)
+        self._check_dim(inputs["embedding"])
+        self._fit_images(inputs, labels.cpu())
+        self.fit_info_["num_fit"] = int(len(labels))
 
     def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:  # pragma: no cover
         raise NotImplementedError

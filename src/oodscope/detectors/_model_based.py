@@ -7,8 +7,8 @@ declare ``requires = ("model",)`` and are applied with
 preprocessed batch exactly as the backbone receives it. ``score(features)`` raises a
 :class:`DetectorError` that says so.
 
-They have nothing to learn from in-distribution data: ``fit`` only marks them fitted, so generic
-pipelines that call ``fit`` on every detector keep working.
+They have nothing to learn from in-distribution data: ``fit`` (the shared one) only marks them
+fitted, so generic pipelines that call ``fit_detector`` on every detector keep working.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from oodscope.backbones.base import ClassifierParts
-from oodscope.detectors.base import ArrayLike, Detector, DetectorError, FeatureInput
+from oodscope.detectors.base import Detector, DetectorError, FeatureInput
+from oodscope.detectors.kinds import DetectorKind
 
 ImageInput = torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray]
 
@@ -28,6 +29,7 @@ ImageInput = torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray]
 class ModelBasedDetector(Detector):
     """A detector scored on images through :class:`ClassifierParts` instead of on cached features."""
 
+    kind: ClassVar[DetectorKind] = DetectorKind.MODEL
     requires: ClassVar[tuple[str, ...]] = ("model",)
     needs_fit: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
@@ -35,15 +37,6 @@ class ModelBasedDetector(Detector):
     image_batch_size: ClassVar[int] = 64
 
     # ----------------------------------------------------------------- the feature API does not apply
-    def fit(
-        self, features: FeatureInput | None = None, labels: ArrayLike | None = None
-    ) -> ModelBasedDetector:
-        """Nothing to learn from in-distribution data; accepted so generic pipelines can call it."""
-        self.state_ = {}
-        self.fit_info_ = {}
-        self.is_fitted_ = True
-        return self
-
     def score(self, features: FeatureInput) -> np.ndarray:
         raise DetectorError(self._needs_model_message())
 

@@ -21,18 +21,18 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from oodscope.detectors.base import ArrayLike, Detector, DetectorError, FeatureInput
+from oodscope.detectors.base import Detector, DetectorError, FeatureInput
+from oodscope.detectors.kinds import DetectorKind
 from oodscope.text.prompts import TextEmbeddingCache, class_prompts, class_text_embeddings, encoder_key
 
 
 class ZeroShotDetector(Detector):
     """A detector whose fitted state is text embeddings of the ID class names (and maybe more text)."""
 
+    kind: ClassVar[DetectorKind] = DetectorKind.ZERO_SHOT
     requires: ClassVar[tuple[str, ...]] = ("embedding",)
     needs_fit: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = False
-    #: Generic pipelines check this to pass ``text_encoder=`` (a vision-language backbone) to ``fit``.
-    needs_text_encoder: ClassVar[bool] = True
     score_batch_size: ClassVar[int] = 4096
 
     # ----------------------------------------------------------------- parameters
@@ -55,34 +55,22 @@ class ZeroShotDetector(Detector):
             raise DetectorError(f"{self.name}: {err}") from None
 
     # ----------------------------------------------------------------- fit
-    def fit(
+    def _fit_from(
         self,
-        features: FeatureInput | None = None,
-        labels: ArrayLike | None = None,
+        inputs: dict[str, torch.Tensor] | None,
+        labels: torch.Tensor | None,
         *,
         text_encoder: Any = None,
         cache: TextEmbeddingCache | None = None,
-        **text_inputs: Any,
-    ) -> ZeroShotDetector:
-        """Encode the text side with ``text_encoder`` (anything with ``encode_texts``, e.g. a
-        vision-language backbone). ``features``/``labels`` are optional and only checked for shape."""
-        if text_encoder is None or not callable(getattr(text_encoder, "encode_texts", None)):
-            raise DetectorError(
-                f"{self.name} is a zero-shot detector: call fit(text_encoder=backbone) with a vision-language "
-                "backbone (or any object with encode_texts(list[str])); ID images are not needed"
-            )
-        self.state_ = {}
-        self.fit_info_ = {}
-        self.is_fitted_ = False  # stays False if encoding fails half-way
-        with torch.no_grad():
-            self._fit_text(text_encoder, cache, **text_inputs)
+        **options: Any,
+    ) -> None:
+        """Encode the text side with ``text_encoder``; ID features, if given, are only checked for their dimension."""
+        self._fit_text(text_encoder, cache, **options)
         text = self.state_["class_text"]
         self.fit_info_["text_dim"] = int(text.shape[1])
         self.fit_info_["text_encoder"] = encoder_key(text_encoder) or type(text_encoder).__name__
-        self.is_fitted_ = True
-        if features is not None:
-            self._check_dim(self._inputs(features)["embedding"])
-        return self
+        if inputs is not None:
+            self._check_dim(inputs["embedding"])
 
     def _fit_text(self, encoder: Any, cache: TextEmbeddingCache | None) -> None:
         self.state_["class_text"] = self._encode_classes(encoder, cache)

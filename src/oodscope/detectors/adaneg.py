@@ -34,6 +34,7 @@ import torch
 
 from oodscope.detectors._zeroshot import grouped_id_mass, softmax_entropy
 from oodscope.detectors.base import DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 from oodscope.detectors.neglabel import NegLabel
 
 _MEMORY_KEYS = ("memory_slot", "memory_feat", "memory_entropy", "memory_order", "memory_seen")
@@ -42,6 +43,7 @@ _MEMORY_KEYS = ("memory_slot", "memory_feat", "memory_entropy", "memory_order", 
 @register
 class AdaNeg(NegLabel):
     name = "adaneg"
+    kind = DetectorKind.TEST_TIME
 
     def __init__(
         self,
@@ -84,8 +86,10 @@ class AdaNeg(NegLabel):
         self.sample_adaptive = sample_adaptive
         self.beta = beta
         self.batch_size = batch_size
+
+    def score_chunk_rows(self) -> int:
         # Chunks handed to _score are whole stream batches, so results do not depend on chunking.
-        self.score_batch_size = batch_size * max(1, 4096 // batch_size)
+        return self.batch_size * max(1, 4096 // self.batch_size)
 
     # ----------------------------------------------------------------- memory
     def reset(self) -> AdaNeg:

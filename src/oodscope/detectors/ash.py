@@ -32,9 +32,12 @@ from oodscope.detectors._shaping import (
     top_k_mask,
 )
 from oodscope.detectors.base import Detector, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 class _ASH(Detector):
+
+    kind = DetectorKind.OUTPUT
     requires = ("penultimate", "weight", "bias")
     variant: ClassVar[str] = ""
 

@@ -1,15 +1,21 @@
 """The detector contract, its registry and its persistence.
 
-A detector turns :class:`~oodscope.backbones.base.Features` into one OOD score per image,
-**higher = more OOD**. It is created by name (``create("energy", temperature=1.0)``), fitted with
-``fit(features, labels=None)`` when it needs in-distribution data, and applied with
-``score(features)``. Hyper-parameters are the keyword arguments of ``__init__`` (scikit-learn
-style: stored unchanged under the same names); fitted arrays live in ``self.state_`` (name ->
-tensor) and fitted scalars in ``self.fit_info_`` (JSON-able), which is everything ``save`` writes.
+A detector turns :class:`~oodscope.backbones.base.Features` into one OOD score per image, **higher =
+more OOD**. It is created by name (``create("energy", temperature=1.0)``; an unknown parameter is
+refused there, with the valid ones listed), declares its ``kind`` once
+(:class:`~oodscope.detectors.kinds.DetectorKind`), is fitted with the one signature every detector
+shares, ``fit(features=None, labels=None, *, text_encoder=None, cache=None)`` — what a configured
+instance needs is :meth:`Detector.fit_needs`, and :func:`oodscope.detectors.fitting.fit_detector` is
+the one fit path for callers — and applied with ``score(features)``. Hyper-parameters are the
+keyword arguments of ``__init__`` (scikit-learn style: stored unchanged under the same names);
+fitted arrays live in ``self.state_`` (name -> tensor) and fitted scalars in ``self.fit_info_``
+(JSON-able), which is everything ``save`` writes.
 
 Subclasses implement ``_score(inputs)`` (and ``_fit(inputs, labels)`` if ``needs_fit``), where
-``inputs`` maps each name in ``requires`` to a float tensor on one device. Everything is batched
-tensor algebra: no Python loop over samples.
+``inputs`` maps each name in :meth:`Detector.fields` (by default the class's ``requires``) to a
+float tensor on one device. Class attributes are facts about the class and are never rewritten per
+instance: what depends on the parameters is answered by the methods ``fields()``, ``fit_needs()``
+and ``score_chunk_rows()``. Everything is batched tensor algebra: no Python loop over samples.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 
 from oodscope.backbones.base import Features
+from oodscope.detectors.kinds import DetectorKind, FitNeeds, needs_of_kind
 
 FORMAT = "oodscope-detector"
 FORMAT_VERSION = 1
@@ -51,6 +58,10 @@ class Detector:
     """Base class: see the module docstring for the contract."""
 
     name: ClassVar[str] = ""
+    #: How the detector learns and is applied (declared once per class; see :mod:`oodscope.detectors.kinds`).
+    kind: ClassVar[DetectorKind]
+    #: Keyword options of ``fit`` besides the shared ones (e.g. the ensemble's ``calibration``).
+    fit_options: ClassVar[tuple[str, ...]] = ()
     #: Features fields read at fit and score time ("logits", "penultimate", "weight", "bias", "embedding", ...).
     requires: ClassVar[tuple[str, ...]] = ()
     #: True when ``fit`` must see in-distribution data before ``score``.
@@ -80,24 +91,78 @@ class Detector:
         return f"{type(self).__name__}({params})"
 
     # ----------------------------------------------------------------- fit / score
-    def fit(self, features: FeatureInput, labels: ArrayLike | None = None) -> Detector:
-        """Learn what the method needs from in-distribution features. Returns ``self``."""
-        inputs = self._inputs(features)
-        label_tensor = None
-        if labels is not None:
-            label_tensor = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
-            label_tensor = label_tensor.to(device=_device_of(inputs), dtype=torch.long)
-            if label_tensor.ndim != 1 or len(label_tensor) != _rows(inputs):
-                raise DetectorError(f"{self.name}: labels must be 1-D with one label per image")
-        elif self.needs_labels:
-            raise DetectorError(f"{self.name}: fit needs the class labels of the in-distribution features")
+    def fields(self) -> tuple[str, ...]:
+        """Features fields this configured instance reads (default: the class's ``requires``)."""
+        return type(self).requires
+
+    def fit_needs(self) -> FitNeeds:
+        """What ``fit`` needs for this configured instance (from ``kind``, ``needs_fit``, ``needs_labels``)."""
+        cls = type(self)
+        return needs_of_kind(cls.kind, needs_fit=cls.needs_fit, needs_labels=cls.needs_labels)
+
+    def score_chunk_rows(self) -> int:
+        """Rows scored per chunk by :meth:`score` (bounds memory)."""
+        return int(self.score_batch_size)
+
+    def fit(
+        self,
+        features: FeatureInput | None = None,
+        labels: ArrayLike | None = None,
+        *,
+        text_encoder: Any = None,
+        cache: Any = None,
+        **options: Any,
+    ) -> Detector:
+        """Learn what the method needs (see :meth:`fit_needs`); the same signature for every detector.
+
+        ``features``: ID features; ``labels``: their class indices; ``text_encoder``: anything with
+        ``encode_texts(list[str])`` (a vision-language backbone); ``cache``: a text-embedding cache;
+        ``options``: the class's ``fit_options``. What the method does not need is accepted and
+        ignored (features given to a zero-shot method are only checked for their dimension).
+        Returns ``self``.
+        """
+        unknown = sorted(set(options) - set(self.fit_options))
+        if unknown:
+            takes = ", ".join(self.fit_options) or "none"
+            raise DetectorError(f"{self.name}: fit() got unknown option(s) {unknown}; its options: {takes}")
+        needs = self.fit_needs()
+        missing = missing_fit_inputs(
+            needs, features=features is not None, labels=labels is not None, text_encoder=text_encoder is not None
+        )
+        if missing:
+            raise DetectorError(f"{self.name} ({type(self).kind.label}): fit needs {' and '.join(missing)}")
+        if needs.text_encoder and not callable(getattr(text_encoder, "encode_texts", None)):
+            raise DetectorError(
+                f"{self.name}: text_encoder must have encode_texts(list[str]) (a vision-language backbone)"
+            )
         self.state_ = {}
         self.fit_info_ = {}
-        self.is_fitted_ = False  # stays False if _fit raises half-way
-        with torch.no_grad():
-            self._fit(inputs, label_tensor)
+        self.is_fitted_ = False  # stays False if fitting raises half-way
+        self._fitting = True
+        try:
+            inputs = None if features is None or needs.model else self._inputs(features)
+            label_tensor = None
+            if labels is not None and inputs is not None:
+                label_tensor = _label_tensor(labels, _rows(inputs), _device_of(inputs), self.name)
+            with torch.no_grad():
+                self._fit_from(inputs, label_tensor, text_encoder=text_encoder, cache=cache, **options)
+        finally:
+            self._fitting = False
         self.is_fitted_ = True
         return self
+
+    def _fit_from(
+        self,
+        inputs: dict[str, torch.Tensor] | None,
+        labels: torch.Tensor | None,
+        *,
+        text_encoder: Any = None,
+        cache: Any = None,
+        **options: Any,
+    ) -> None:
+        """The kind's fit step, called by :meth:`fit` with checked inputs. Default: ``_fit`` on features."""
+        if inputs is not None:
+            self._fit(inputs, labels)
 
     def score(self, features: FeatureInput) -> np.ndarray:
         """OOD score per image, float64, higher = more OOD."""
@@ -107,8 +172,9 @@ class Detector:
         n = _rows(inputs)
         out = []
         with torch.no_grad():
-            for start in range(0, n, self.score_batch_size):
-                stop = start + self.score_batch_size
+            rows = self.score_chunk_rows()
+            for start in range(0, n, rows):
+                stop = start + rows
                 chunk = {k: _slice_rows(k, v, start, stop) for k, v in inputs.items()}
                 out.append(self._score(chunk).detach().to("cpu", torch.float64))
         scores = torch.cat(out).numpy() if out else np.zeros(0)
@@ -128,13 +194,16 @@ class Detector:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- inputs
-    def _inputs(self, features: FeatureInput) -> dict[str, torch.Tensor]:
-        """Gather the required fields as float tensors on one device, with clear errors."""
+    _fitting: bool = False  # True while fit() runs (feature selection reads what the fit data offer)
+
+    def _inputs(self, features: FeatureInput, fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Gather ``fields`` (default :meth:`fields`) as float tensors on one device, with clear errors."""
+        requires = self.fields() if fields is None else tuple(fields)
         if isinstance(features, np.ndarray | torch.Tensor):
-            per_image = [r for r in self.requires if _per_image(r)]
-            if len(self.requires) != 1 or len(per_image) != 1:
+            per_image = [r for r in requires if _per_image(r)]
+            if len(requires) != 1 or len(per_image) != 1:
                 raise DetectorError(
-                    f"{self.name} needs {list(self.requires)}; pass a Features object or a dict, not one array"
+                    f"{self.name} needs {list(requires)}; pass a Features object or a dict, not one array"
                 )
             features = {per_image[0]: features}
         if isinstance(features, Features):
@@ -145,7 +214,7 @@ class Detector:
             get = features.__getitem__
         else:
             raise DetectorError(f"{self.name}: expected Features, a dict or an array, got {type(features).__name__}")
-        missing = [r for r in self.requires if r not in have]
+        missing = [r for r in requires if r not in have]
         if missing:
             origin = getattr(features, "backbone_id", None) if isinstance(features, Features) else None
             raise DetectorError(
@@ -154,14 +223,14 @@ class Detector:
                 "Choose a backbone that exposes them (e.g. a classifier for logit-based methods)."
             )
         device = None
-        for r in self.requires:
+        for r in requires:
             v = get(r)
             if torch.is_tensor(v):
                 device = v.device
                 break
         device = device or torch.device("cpu")
         out = {}
-        for r in self.requires:
+        for r in requires:
             v = get(r)
             if isinstance(v, dict):  # Features.layers
                 out[r] = {k: _to_tensor(x, device, f"{r}[{k}]", self.name) for k, x in v.items()}
@@ -242,9 +311,11 @@ def _stacklevel_outside_detectors() -> int:
 
 
 def register(cls: type[Detector]) -> type[Detector]:
-    """Class decorator: make a detector creatable by its ``name``."""
+    """Class decorator: make a detector creatable by its ``name`` (it must declare its ``kind``)."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no name")
+    if not isinstance(getattr(cls, "kind", None), DetectorKind):
+        raise TypeError(f"{cls.__name__} declares no kind (a DetectorKind)")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise TypeError(f"detector name {cls.name!r} is registered twice")
     _REGISTRY[cls.name] = cls
@@ -257,7 +328,35 @@ def create(name: str, **params: Any) -> Detector:
         cls = _REGISTRY[name]
     except KeyError:
         raise DetectorError(f"unknown detector {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+    check_params(cls, params)
     return cls(**params)
+
+
+def parameters(cls: type[Detector]) -> dict[str, Any]:
+    """A detector class's parameters: name -> default (``inspect.Parameter.empty`` when required)."""
+    signature = inspect.signature(cls.__init__)
+    return {
+        name: p.default
+        for name, p in signature.parameters.items()
+        if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def check_params(cls: type[Detector], params: dict[str, Any]) -> None:
+    """Refuse unknown parameter names and missing required ones, naming the valid ones."""
+    valid = parameters(cls)
+    unknown = sorted(set(params) - set(valid))
+    missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in params]
+    if unknown or missing:
+        problems = []
+        if unknown:
+            problems.append(f"unknown parameter(s) {', '.join(unknown)}")
+        if missing:
+            problems.append(f"missing required parameter(s) {', '.join(missing)}")
+        listing = ", ".join(
+            k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in valid.items()
+        ) or "none"
+        raise DetectorError(f"{cls.name}: {'; '.join(problems)}; its parameters: {listing}")
 
 
 def registered() -> dict[str, type[Detector]]:
@@ -293,6 +392,27 @@ def _device_of(inputs: dict[str, Any]) -> torch.device:
         if torch.is_tensor(v):
             return v.device
     return torch.device("cpu")
+
+
+def missing_fit_inputs(needs: FitNeeds, *, features: bool, labels: bool, text_encoder: bool) -> list[str]:
+    """What of the fit inputs is missing, in words (empty: nothing)."""
+    missing = []
+    if needs.features and not features:
+        missing.append("in-distribution features")
+    if needs.labels and not labels:
+        missing.append("the class labels of the ID features")
+    if needs.text_encoder and not text_encoder:
+        missing.append("text_encoder= (a vision-language backbone, or any object with encode_texts)")
+    return missing
+
+
+def _label_tensor(labels: ArrayLike, rows: int, device: torch.device, who: str) -> torch.Tensor:
+    y = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+    if y.ndim != 1 or len(y) != rows:
+        raise DetectorError(f"{who}: labels must be 1-D with one label per image ({rows}), got shape {y.shape}")
+    if y.dtype.kind not in "iu" and not (y.dtype.kind in "fb" and np.all(np.mod(y, 1) == 0)):
+        raise DetectorError(f"{who}: labels must be integer class indices")
+    return torch.from_numpy(y.astype(np.int64)).to(device)
 
 
 def _to_tensor(value: Any, device: torch.device, field: str, who: str) -> torch.Tensor:

@@ -34,6 +34,7 @@ from oodscope.text.prompts import TextEmbeddingCache, class_text_embeddings
 @register
 class CLIPN(ZeroShotDetector):
     name = "clipn"
+    fit_options = ("no_text_encoder",)
 
     def __init__(
         self,

@@ -73,8 +73,10 @@ class COOkeD(FewShotTextDetector):
         self.C = check_positive(C, "C", self.name)
         self.max_iter = max_iter
         self.scoring = scoring
-        # The closed-world member decides which second field is read, so requires is per instance.
-        self.requires = ("embedding", "penultimate" if closed_world == "probe" else "logits")
+
+    def fields(self) -> tuple[str, ...]:
+        # The closed-world member decides which second field is read.
+        return ("embedding", "penultimate" if self.closed_world == "probe" else "logits")
 
     def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         k = len(self.classes)

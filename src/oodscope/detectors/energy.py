@@ -13,11 +13,13 @@ import torch
 
 from oodscope.detectors._shaping import check_logits, energy_score
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class Energy(Detector):
     name = "energy"
+    kind = DetectorKind.OUTPUT
     requires = ("logits",)
 
     def __init__(self, temperature: float = 1.0) -> None:

@@ -14,11 +14,13 @@ import torch
 
 from oodscope.detectors._shaping import check_logits
 from oodscope.detectors.base import Detector, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class Entropy(Detector):
     name = "entropy"
+    kind = DetectorKind.OUTPUT
     requires = ("logits",)
 
     def __init__(self) -> None:

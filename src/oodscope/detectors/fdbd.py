@@ -19,6 +19,7 @@ import torch
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors._feature_select import FeatureField, check_weight
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 NORMALIZERS = ("mean_distance", "norm")
 
@@ -42,6 +43,7 @@ def boundary_distances(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 @register
 class FDBD(FeatureField, Detector):
     name = "fdbd"
+    kind = DetectorKind.FEATURE
     requires = ("penultimate", "logits", "weight")
     extra_requires = ("logits", "weight")
     feature_choices = ("penultimate", "embedding")

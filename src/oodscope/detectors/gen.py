@@ -15,11 +15,13 @@ import torch
 
 from oodscope.detectors._shaping import check_logits
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class GEN(Detector):
     name = "gen"
+    kind = DetectorKind.OUTPUT
     requires = ("logits",)
 
     def __init__(self, gamma: float = 0.1, M: int = 100) -> None:

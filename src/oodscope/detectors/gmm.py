@@ -26,6 +26,7 @@ import torch
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
@@ -64,6 +65,7 @@ def mixture_log_likelihood(
 @register
 class GMM(FeatureField, Detector):
     name = "gmm"
+    kind = DetectorKind.FEATURE
     requires = ("embedding",)
     needs_fit = True
 

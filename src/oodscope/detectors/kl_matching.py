@@ -17,6 +17,7 @@ import torch
 
 from oodscope.detectors._shaping import check_logits
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 # Rows of ID logits turned into softmax at once while fitting (bounds memory for large N x C).
 _FIT_CHUNK = 8192
@@ -25,6 +26,7 @@ _FIT_CHUNK = 8192
 @register
 class KLMatching(Detector):
     name = "kl_matching"
+    kind = DetectorKind.OUTPUT
     requires = ("logits",)
     needs_fit = True
 

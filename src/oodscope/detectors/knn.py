@@ -23,11 +23,13 @@ import torch
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors._neighbors import NeighborIndex, bank_rows, check_search_params, l2_normalize
 from oodscope.detectors.base import Detector, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class KNN(FeatureField, Detector):
     name = "knn"
+    kind = DetectorKind.FEATURE
     requires = ("embedding",)
     needs_fit = True
 

@@ -30,11 +30,13 @@ from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors._fewshot import check_positive, score_logits, set_logit_scoring
 from oodscope.detectors._linear_probe import fit_linear_probe, probe_logits
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class LinearProbe(FeatureField, Detector):
     name = "linear_probe"
+    kind = DetectorKind.FEATURE
     requires = ("embedding",)
     needs_fit = True
     needs_labels = True

@@ -20,11 +20,13 @@ import torch
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class Mahalanobis(FeatureField, Detector):
     name = "mahalanobis"
+    kind = DetectorKind.FEATURE
     requires = ("embedding",)
     needs_fit = True
     needs_labels = True

@@ -13,11 +13,13 @@ import torch
 
 from oodscope.detectors._shaping import check_logits
 from oodscope.detectors.base import Detector, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class MaxLogit(Detector):
     name = "max_logit"
+    kind = DetectorKind.OUTPUT
     requires = ("logits",)
 
     def __init__(self) -> None:

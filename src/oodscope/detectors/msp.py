@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 
 from oodscope.detectors.base import Detector, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class MSP(Detector):
     name = "msp"
+    kind = DetectorKind.OUTPUT
     requires = ("logits",)
 
     def __init__(self) -> None:

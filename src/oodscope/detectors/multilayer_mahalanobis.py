@@ -25,11 +25,13 @@ import torch
 
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class MultiLayerMahalanobis(Detector):
     name = "multilayer_mahalanobis"
+    kind = DetectorKind.FEATURE
     requires = ("layers",)
     needs_fit = True
     needs_labels = True

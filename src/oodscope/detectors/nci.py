@@ -20,11 +20,13 @@ import torch
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors._feature_select import FeatureField, check_weight
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class NCI(FeatureField, Detector):
     name = "nci"
+    kind = DetectorKind.FEATURE
     requires = ("penultimate", "logits", "weight")
     extra_requires = ("logits", "weight")
     feature_choices = ("penultimate", "embedding")

@@ -36,6 +36,7 @@ from oodscope.text.prompts import TextEmbeddingCache, encode_texts
 @register
 class NegLabel(ZeroShotDetector):
     name = "neglabel"
+    fit_options = ("lexicon",)  # a Lexicon to mine negatives from instead of the corpus
     score_batch_size = 1024  # (rows x 10k negatives) intermediates
 
     def __init__(

@@ -22,11 +22,13 @@ import torch
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors._neighbors import NeighborIndex, bank_rows, check_search_params, l2_normalize
 from oodscope.detectors.base import Detector, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class NNGuide(FeatureField, Detector):
     name = "nnguide"
+    kind = DetectorKind.FEATURE
     requires = ("penultimate", "logits")
     extra_requires = ("logits",)
     feature_choices = ("penultimate", "embedding")

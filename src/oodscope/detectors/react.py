@@ -14,11 +14,13 @@ import torch
 
 from oodscope.detectors._shaping import check_percentile, energy_score, linear_head, percentile
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class ReAct(Detector):
     name = "react"
+    kind = DetectorKind.OUTPUT
     requires = ("penultimate", "weight", "bias")
     needs_fit = True
 

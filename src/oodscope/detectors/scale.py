@@ -23,11 +23,13 @@ from oodscope.detectors._shaping import (
     top_k_mask,
 )
 from oodscope.detectors.base import Detector, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class SCALE(Detector):
     name = "scale"
+    kind = DetectorKind.OUTPUT
     requires = ("penultimate", "weight", "bias")
 
     def __init__(self, percentile: float = 85.0) -> None:

@@ -13,12 +13,13 @@ and ``T_m`` an increasing map learned from the member's scores on ID data at fit
 ``members`` is a list of ``(name, params)`` specs, e.g. ``[("knn", {"k": 10}), ("msp", {})]`` (a
 bare name means default parameters); ``weights`` (default: equal) are non-negative, one per member.
 
-``fit(features, labels=None, *, text_encoder=None, cache=None, calibration=None)`` fits every member
-that needs fitting (labels go to members that need them, ``text_encoder``/``cache`` to
-vision-language members), then scores ``calibration`` (default: the fit features) with every member
-to learn the ``T_m``. Scoring the fit data itself is biased for members that memorise it (KNN's
-nearest neighbour of a bank image is itself): pass held-out ID features as ``calibration`` when
-you have them.
+``fit(features, labels=None, *, text_encoder=None, cache=None, calibration=None)`` (the shared
+signature plus the option ``calibration``) fits every member with
+:func:`~oodscope.detectors.fitting.fit_detector` (labels go to members that need them,
+``text_encoder``/``cache`` to vision-language members), then scores ``calibration`` (default: the
+fit features) with every member to learn the ``T_m``. Scoring the fit data itself is biased for
+members that memorise it (KNN's nearest neighbour of a bank image is itself): pass held-out ID
+features as ``calibration`` when you have them.
 
 Persistence: the members' fitted arrays are stored in this detector's ``state_`` under the prefix
 ``m<i>.`` and their fit info under ``fit_info_["members"]``; the member specs are in the params.
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 
 from oodscope.detectors.base import ArrayLike, Detector, DetectorError, FeatureInput, create, register
+from oodscope.detectors.fitting import fit_detector
+from oodscope.detectors.kinds import DetectorKind, FitNeeds
 from oodscope.text.prompts import TextEmbeddingCache
 
 COMBINATIONS = ("zscore", "rank")
@@ -61,7 +64,9 @@ def _spec(item: Any, who: str) -> list:
 @register
 class ScoreEnsemble(Detector):
     name = "score_ensemble"
+    kind = DetectorKind.ENSEMBLE
     needs_fit = True
+    fit_options = ("calibration",)
 
     def __init__(
         self,
@@ -84,16 +89,22 @@ class ScoreEnsemble(Detector):
                 raise DetectorError(f"{self.name}: weights must be finite, >= 0 and not all 0")
         self.weights = weights
         self._members = [create(name, **params) for name, params in self.members]
-        # What a pipeline must provide: the union of the members' needs.
-        self.requires = tuple(dict.fromkeys(r for m in self._members for r in m.requires))
-        self.needs_labels = any(m.needs_fit and m.needs_labels for m in self._members)
-        self.needs_text_encoder = any(getattr(m, "needs_text_encoder", False) for m in self._members)
         self._synced_state: dict | None = None
+
+    # What a pipeline must provide: the union of the members' needs.
+    def fields(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r for m in self._members for r in m.fields()))
+
+    def fit_needs(self) -> FitNeeds:
+        needs = FitNeeds(features=True)
+        for member in self._members:
+            needs = needs | member.fit_needs()
+        return needs
 
     # ----------------------------------------------------------------- fit
     def fit(
         self,
-        features: FeatureInput,
+        features: FeatureInput | None = None,
         labels: ArrayLike | None = None,
         *,
         text_encoder: Any = None,
@@ -103,17 +114,15 @@ class ScoreEnsemble(Detector):
         """Fit the members, then learn each member's score scale on ``calibration`` (default: ``features``)."""
         if features is None:
             raise DetectorError(f"{self.name}: fit needs in-distribution features")
-        if self.needs_labels and labels is None:
-            needy = [n for (n, _), m in zip(self.members, self._members, strict=True) if m.needs_fit and m.needs_labels]
+        needs = self.fit_needs()
+        if needs.labels and labels is None:
+            needy = [n for (n, _), m in zip(self.members, self._members, strict=True) if m.fit_needs().labels]
             raise DetectorError(f"{self.name}: members {needy} need the class labels of the fit features")
-        if self.needs_text_encoder and text_encoder is None:
+        if needs.text_encoder and text_encoder is None:
             raise DetectorError(f"{self.name}: vision-language members need fit(..., text_encoder=backbone)")
         self.state_, self.fit_info_, self.is_fitted_ = {}, {}, False
         for member in self._members:
-            if getattr(member, "needs_text_encoder", False):
-                member.fit(features, labels if member.needs_labels else None, text_encoder=text_encoder, cache=cache)
-            elif member.needs_fit:
-                member.fit(features, labels if member.needs_labels else None)
+            fit_detector(member, features, labels, text_encoder=text_encoder, cache=cache)
         reference = self._member_scores(features if calibration is None else calibration)
         if reference.shape[0] == 0:
             raise DetectorError(f"{self.name}: no calibration images to learn the score scales from")

@@ -23,11 +23,13 @@ import torch
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class SHE(FeatureField, Detector):
     name = "she"
+    kind = DetectorKind.FEATURE
     requires = ("penultimate", "logits")
     extra_requires = ("logits",)
     feature_choices = ("penultimate", "embedding")

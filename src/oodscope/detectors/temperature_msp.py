@@ -18,11 +18,13 @@ import torch
 
 from oodscope.detectors._shaping import check_logits
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class TemperatureMSP(Detector):
     name = "temperature_msp"
+    kind = DetectorKind.OUTPUT
     requires = ("logits",)
 
     def __init__(self, temperature: float = 1000.0) -> None:

@@ -24,6 +24,7 @@ import torch
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 def default_dim(width: int) -> int:
@@ -38,6 +39,7 @@ def default_dim(width: int) -> int:
 @register
 class ViM(FeatureField, Detector):
     name = "vim"
+    kind = DetectorKind.FEATURE
     requires = ("penultimate", "weight")
     extra_requires = ("weight",)
     optional_fields = ("bias",)

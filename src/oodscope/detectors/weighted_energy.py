@@ -19,11 +19,13 @@ import torch
 
 from oodscope.detectors._shaping import check_logits
 from oodscope.detectors.base import Detector, DetectorError, register
+from oodscope.detectors.kinds import DetectorKind
 
 
 @register
 class WeightedEnergy(Detector):
     name = "weighted_energy"
+    kind = DetectorKind.OUTPUT
     requires = ("logits",)
 
     def __init__(self, class_weights: Sequence[float]) -> None:

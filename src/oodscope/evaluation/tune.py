@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from oodscope.detectors.base import ArrayLike, Detector, DetectorError, FeatureInput, create, registered
+from oodscope.detectors.fitting import class_needs, fit_detector
+from oodscope.evaluation.metrics import ood_metrics
 
 __all__ = [
     "DEFAULT_GRIDS",
@@ -165,34 +167,26 @@ def tune(
     unchanged to every candidate. ``metric`` is one of :data:`METRICS`. Returns a
     :class:`TuneResult` whose ``detector`` is the best one, fitted.
     """
-    cls = _detector_class(detector_name)
-    if "model" in cls.requires:
+    needs = class_needs(_detector_class(detector_name))
+    if needs.model:
         raise DetectorError(
             f"tune: {detector_name} scores images through the classifier, not cached features; "
             "use tune_model_based(detector_name, parts, id_images, ood_images, ...)"
         )
     if id_fit is not None and (id_fit is id_val or id_fit is ood_val):
         raise DetectorError("tune: id_fit must not be the validation data (the selection would be biased)")
-    text = getattr(cls, "needs_text_encoder", False)
-    if text and text_encoder is None:
+    if needs.text_encoder and text_encoder is None:
         raise DetectorError(f"tune: {detector_name} needs text_encoder=... (a vision-language backbone)")
-    zero_shot = text and not cls.needs_labels
-    if cls.needs_fit and not zero_shot and id_fit is None:
+    if needs.features and id_fit is None:
         raise DetectorError(
             f"tune: {detector_name} must be fitted on in-distribution training data: pass id_fit=... "
             "(it is never fitted on the validation data)"
         )
-    if cls.needs_labels and fit_labels is None:
+    if needs.labels and fit_labels is None:
         raise DetectorError(f"tune: {detector_name} needs the class labels of id_fit: pass fit_labels=...")
 
     def build_and_score(params: dict[str, Any]) -> tuple[Detector, np.ndarray, np.ndarray]:
-        detector = create(detector_name, **params)
-        if zero_shot:
-            detector.fit(text_encoder=text_encoder)
-        elif text:
-            detector.fit(id_fit, fit_labels, text_encoder=text_encoder)
-        elif cls.needs_fit:
-            detector.fit(id_fit, fit_labels)
+        detector = fit_detector(create(detector_name, **params), id_fit, fit_labels, text_encoder=text_encoder)
         return detector, detector.score(id_val), detector.score(ood_val)
 
     return _search(detector_name, grid, fixed, metric, build_and_score)
@@ -215,12 +209,11 @@ def tune_model_based(
     batches, normalized as the backbone receives them (anything ``score_images`` accepts, but not a
     one-shot iterator: every combination reads them again).
     """
-    cls = _detector_class(detector_name)
-    if "model" not in cls.requires:
+    if not class_needs(_detector_class(detector_name)).model:
         raise DetectorError(f"tune_model_based: {detector_name} works on features; use tune(...)")
 
     def build_and_score(params: dict[str, Any]) -> tuple[Detector, np.ndarray, np.ndarray]:
-        detector = create(detector_name, **params).fit(None)
+        detector = fit_detector(create(detector_name, **params))
         return (
             detector,
             detector.score_images(parts, id_images, batch_size=batch_size),
@@ -238,8 +231,6 @@ def _search(
     metric: str,
     build_and_score: Callable[[dict[str, Any]], tuple[Detector, np.ndarray, np.ndarray]],
 ) -> TuneResult:
-    from oodscope.evaluation.metrics import ood_metrics  # lazy: evaluation may import detectors
-
     if metric not in METRICS:
         raise DetectorError(f"tune: metric must be one of {sorted(METRICS)}, got {metric!r}")
     higher_is_better = METRICS[metric]

@@ -1,0 +1,103 @@
+"""The one fit path: create a detector for the data at hand and fit it by what its kind needs.
+
+Every caller above the detectors (the deployable model, the benchmark runner, the audits, tuning,
+the command line) goes through these three functions instead of probing flags:
+
+* :func:`build_detector` creates a detector by name, adding the ID class names when its kind needs
+  them, and refuses unknown parameters before any work starts;
+* :func:`fit_problems` says, before any feature is extracted, what a fit would lack;
+* :func:`fit_detector` fits it, passing exactly the inputs its kind uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from oodscope.detectors.base import (
+    ArrayLike,
+    Detector,
+    DetectorError,
+    FeatureInput,
+    create,
+    missing_fit_inputs,
+    registered,
+)
+from oodscope.detectors.kinds import FitNeeds, needs_of_kind
+
+__all__ = ["build_detector", "class_needs", "fit_detector", "fit_problems"]
+
+
+def class_needs(name_or_cls: str | type[Detector]) -> FitNeeds:
+    """The fit needs a detector class declares (an instance may add to them: see ``Detector.fit_needs``)."""
+    cls = _class(name_or_cls)
+    return needs_of_kind(cls.kind, needs_fit=cls.needs_fit, needs_labels=cls.needs_labels)
+
+
+def build_detector(name: str, params: Mapping[str, Any] | None = None, classes: Sequence[str] | None = None,
+                   *, override_classes: bool = False) -> Detector:
+    """``create(name, **params)``, with ``classes`` filled in for kinds built from class names.
+
+    ``classes`` fills the ``classes`` parameter when it is not in ``params`` (or always, with
+    ``override_classes``). A kind that needs class names and gets none is refused with a message
+    that says how to give them.
+    """
+    cls = _class(name)
+    params = dict(params or {})
+    if class_needs(cls).classes:
+        if classes is not None and (override_classes or not params.get("classes")):
+            params["classes"] = list(classes)
+        if not params.get("classes"):
+            raise DetectorError(
+                f"{name} ({cls.kind.label}) needs the ID class names: give classes (--classes), or ID images "
+                "in class sub-folders"
+            )
+    return create(name, **params)
+
+
+def fit_problems(detector: Detector, *, features: bool, labels: bool, text_encoder: bool,
+                 classifier: bool = True) -> list[str]:
+    """What fitting and applying ``detector`` would lack, in words (empty: it can run).
+
+    ``features`` / ``labels``: ID fit features (with a label for every image) will be there;
+    ``text_encoder``: the backbone encodes texts; ``classifier``: the backbone exposes
+    ``classifier_parts()`` (model-in-the-loop kinds).
+    """
+    needs = detector.fit_needs()
+    problems = missing_fit_inputs(needs, features=features, labels=labels, text_encoder=text_encoder)
+    if needs.model and not classifier:
+        problems.append("a classifier backbone with classifier_parts() (it runs the network itself)")
+    return problems
+
+
+def fit_detector(
+    detector: Detector,
+    features: FeatureInput | None = None,
+    labels: ArrayLike | None = None,
+    *,
+    text_encoder: Any = None,
+    cache: Any = None,
+    **options: Any,
+) -> Detector:
+    """Fit ``detector`` with the inputs its kind uses (the others are dropped); returns it.
+
+    Missing inputs raise a :class:`DetectorError` naming them. ``options`` are the detector's own
+    ``fit_options`` (e.g. the score ensemble's ``calibration``).
+    """
+    needs = detector.fit_needs()
+    return detector.fit(
+        features if needs.features else None,
+        labels if needs.labels else None,
+        text_encoder=text_encoder if needs.text_encoder else None,
+        cache=cache,
+        **options,
+    )
+
+
+def _class(name_or_cls: str | type[Detector]) -> type[Detector]:
+    if not isinstance(name_or_cls, str):
+        return name_or_cls
+    reg = registered()
+    if name_or_cls not in reg:
+        create(name_or_cls)  # raises with the list of registered names
+    return reg[name_or_cls]

@@ -1,7 +1,7 @@
 """Score ensemble — a weighted mean of registered detectors' scores, each first put on a common scale.
 
-Score-level fusion of heterogeneous OOD detectors (no single paper: the standard late-fusion recipe
-of standardizing each score on in-distribution data and averaging).
+Score-level fusion of heterogeneous OOD detectors, oodscope's own (no single paper: the standard
+late-fusion recipe of standardizing each score on in-distribution data and averaging).
 
 Score: ``sum_m w_m * T_m(s_m(x)) / sum_m w_m`` where ``s_m`` is member m's score (higher = more OOD)
 and ``T_m`` an increasing map learned from the member's scores on ID data at fit time:

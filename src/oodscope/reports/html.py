@@ -8,6 +8,10 @@ wrote (``results.json`` + ``scores/``) and adds, for every audit directory given
 the results directory), the audit's tables (``audit.json`` / ``*.csv``) and plots (``*.png``). A
 directory with only an audit is reported too. Figures need matplotlib (extra ``plots``); without it
 the report has the tables and says so.
+
+Every figure draws a detector in the one colour :func:`report_colours` gives it for the whole report
+(also shown as a square before its name in the results tables); averages that would repeat a single
+set (or another average) are left out of the tables and the heat map.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ pre{background:#f6f8fa;border:1px solid #e3e6ea;padding:10px;overflow-x:auto;fon
 .fail td{color:#8a1c1c}
 nav a{margin-right:14px;font-size:.9em}
 details{margin:.5em 0}summary{cursor:pointer;color:#0b5cad}
+.sw{display:inline-block;width:.8em;height:.8em;margin-right:.4em;vertical-align:-.05em;border:1px solid #555}
 """
 
 
@@ -90,8 +95,10 @@ def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return _table(header, rows)
 
 
-def _results_table(sets: Sequence[str], rows: Sequence[Sequence[Any]], best: Mapping[tuple[int, int], bool]) -> str:
-    """Detector rows; per set two columns (AUROC, FPR95) under a spanning set header."""
+def _results_table(sets: Sequence[str], rows: Sequence[Sequence[Any]], best: Mapping[tuple[int, int], bool],
+                   colours: Mapping[str, str] | None = None) -> str:
+    """Detector rows; per set two columns (AUROC, FPR95) under a spanning set header. ``colours``: the
+    figures' detector colours, shown as a square before each name."""
     head1 = ['<th class="l" rowspan="2">detector</th>']
     head1 += [f'<th colspan="2">{_e(s.replace("-average", " avg"))}</th>' for s in sets]
     head1 += ['<th rowspan="2">ID acc.</th><th rowspan="2">fit s</th><th rowspan="2">score s</th>']
@@ -106,10 +113,49 @@ def _results_table(sets: Sequence[str], rows: Sequence[Sequence[Any]], best: Map
                 classes.append("best")
             if c > 0 and c <= 2 * len(sets) and c % 2 == 1:
                 classes.append("grp")
-            out.append(f'<td class="{" ".join(classes)}">{_e(cell)}</td>')
+            swatch = (f'<span class="sw" style="background:{_e(colours[cell])}"></span>'
+                      if c == 0 and colours and cell in colours else "")
+            out.append(f'<td class="{" ".join(classes)}">{swatch}{_e(cell)}</td>')
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)
+
+
+_AVERAGES = ("near-average", "far-average", "all-average")
+
+
+def _shown_sets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One backbone's columns: every OOD set, then the averages that say something new.
+
+    An average over a single set is that set again, and a near (far) average over the very sets the
+    all-average covers repeats the all-average: both are left out (``evaluation.bench`` writes near /
+    far averages for any non-empty group, the all-average only for two sets or more).
+    """
+    sets = list(dict.fromkeys(r["set"] for r in rows if r.get("kind") != "average"))
+    members = {"near-average": {r["set"] for r in rows if r.get("kind") == "near"},
+               "far-average": {r["set"] for r in rows if r.get("kind") == "far"},
+               "all-average": set(sets)}
+    present = list(dict.fromkeys(r["set"] for r in rows if r.get("kind") == "average"))
+    shown = []
+    for s in present:
+        group = members.get(s)
+        if group is not None and len(group) < 2:
+            continue
+        if s != "all-average" and group == members["all-average"] and "all-average" in present:
+            continue
+        shown.append(s)
+    return sets + sorted(shown, key=lambda s: _AVERAGES.index(s) if s in _AVERAGES else len(_AVERAGES))
+
+
+def report_colours(payload: Mapping[str, Any], tables: Sequence[RankedTable]) -> dict[str, str]:
+    """The report's one ``{detector: colour}``: ranking order of the first backbone, then the detectors
+    new on each later one (folded repeats included, so a name never changes colour)."""
+    names: list[str] = []
+    for t in tables:
+        names += t.detectors + [d for dets in t.repeated.values() for d in dets]
+    for files in payload.get("scores", {}).values():
+        names += list(files)
+    return plots.detector_colours(names)
 
 
 def _pct(x: Any) -> str:
@@ -127,17 +173,19 @@ def _load_scores(results_dir: Path, rel: str) -> dict[str, np.ndarray]:
     return dict(load_file(str(results_dir / rel)))
 
 
-def _summary_section(payload: Mapping[str, Any], tables: Sequence[RankedTable]) -> list[str]:
+def _summary_section(payload: Mapping[str, Any], tables: Sequence[RankedTable],
+                     colours: Mapping[str, str] | None = None) -> list[str]:
     rows = payload["results"]
     out = ["<h2 id='results'>Results</h2>",
            "<p>AUROC and FPR@95 in % for each OOD set, then averages over the near-OOD, far-OOD and all "
-           "sets. Best AUROC (highest) and FPR@95 (lowest) per column in bold. Scores are higher = more OOD; "
+           "sets (an average is shown only where it covers two sets or more and differs from the others). "
+           "Best AUROC (highest) and FPR@95 (lowest) per column in bold. Scores are higher = more OOD; "
            "FPR@95 is the share of OOD images accepted as ID at the threshold that accepts 95 % of the ID "
            "images. Detectors are sorted by AUROC on the all-OOD average, best first.</p>"]
     for table in tables:
         backbone = table.backbone
         mine = [r for r in rows if r["backbone"] == backbone]
-        sets = list(dict.fromkeys(r["set"] for r in mine))
+        sets = _shown_sets(mine)
         detectors = table.detectors
         table_rows, values = [], []
         for det in detectors:
@@ -162,7 +210,7 @@ def _summary_section(payload: Mapping[str, Any], tables: Sequence[RankedTable]) 
                 if v == target:
                     best[(i, c + 1)] = True
         out.append(f"<h3 id='{_anchor('results', backbone)}'>{_e(backbone)}</h3>")
-        out.append(_results_table(sets, table_rows, best))
+        out.append(_results_table(sets, table_rows, best, colours))
         for other, dets in table.repeated.items():
             out.append(f"<p class='meta'>Same metrics on every set as on {_e(other)} (not repeated): "
                        f"{_e(', '.join(dets))}.</p>")
@@ -176,13 +224,17 @@ def _summary_section(payload: Mapping[str, Any], tables: Sequence[RankedTable]) 
 
 
 def _figures_section(results_dir: Path, payload: Mapping[str, Any], tables: Sequence[RankedTable],
-                     max_histograms: int | None) -> list[str]:
+                     max_histograms: int | None, colours: Mapping[str, str] | None = None) -> list[str]:
     rows = payload["results"]
     ood_sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
     out = ["<h2 id='figures'>Figures</h2>"]
     if not plots.available():
         return out + ["<p class='note'>Figures need matplotlib (pip install 'oodscope[plots]'); "
                       "the tables above are complete without them.</p>"]
+    colours = dict(colours) if colours is not None else report_colours(payload, tables)
+    styles = plots.set_styles(ood_sets)
+    out.append("<p>Each detector has one colour in every figure (the square before its name in the tables); "
+               "in the histograms the OOD sets differ by line style.</p>")
     best_first = {t.backbone: t.detectors for t in tables}
     for backbone, files in payload.get("scores", {}).items():
         mine = [r for r in rows if r["backbone"] == backbone]
@@ -193,15 +245,15 @@ def _figures_section(results_dir: Path, payload: Mapping[str, Any], tables: Sequ
         scores = {det: _load_scores(results_dir, files[det]) for det in detectors}
         out.append(f"<h3 id='{_anchor('figures', backbone)}'>{_e(backbone)}</h3>")
         # Overview heat map of AUROC.
-        averages = [s for s in ("near-average", "far-average", "all-average") if any(r["set"] == s for r in mine)]
-        columns = ood_sets + averages
+        columns = ood_sets + [s for s in _shown_sets(mine) if s not in ood_sets]
         grid = np.full((len(detectors), len(columns)), np.nan)
         for r in mine:
             if r["set"] in columns and r["detector"] in detectors:
                 grid[detectors.index(r["detector"]), columns.index(r["set"])] = r["auroc"]
         # Colours span 50-100 % (chance to perfect); worse than chance gets the darkest colour.
         out.append('<div class="grid">' + _img(
-            plots.heatmap_png(grid, detectors, columns, f"AUROC — {backbone}", vmin=0.5, vmax=1.0),
+            plots.heatmap_png(grid, detectors, columns, f"AUROC (%) — {backbone}", vmin=0.5, vmax=1.0,
+                              colours=colours),
             "AUROC per detector and OOD set (%); below 50 % shown as 50 %") + "</div>")
         # ROC curves per OOD set (best detectors on that set).
         figs = []
@@ -210,7 +262,7 @@ def _figures_section(results_dir: Path, payload: Mapping[str, Any], tables: Sequ
                             key=lambda r: -r["auroc"])[:MAX_ROC_CURVES]
             curves = {r["detector"]: (scores[r["detector"]]["id"], scores[r["detector"]][s]) for r in ranked}
             if curves:
-                figs.append(_img(plots.roc_png(curves, f"ROC: ID vs {s}"),
+                figs.append(_img(plots.roc_png(curves, f"ROC: ID vs {s}", colours=colours),
                                  f"{backbone}: ROC curves, ID vs {s} (best {len(curves)} detectors by AUROC)", 470))
         if figs:
             out.append("<p>ROC curves (OOD = positive class).</p>")
@@ -222,10 +274,12 @@ def _figures_section(results_dir: Path, payload: Mapping[str, Any], tables: Sequ
         figs = []
         for det in order:
             sc = scores[det]
-            figs.append(_img(plots.histogram_png(sc["id"], {s: sc[s] for s in ood_sets if s in sc}, det),
+            figs.append(_img(plots.histogram_png(sc["id"], {s: sc[s] for s in ood_sets if s in sc}, det,
+                                                 colour=colours.get(det), styles=styles, detector=det),
                              f"{backbone} / {det}: score distributions", 470))
         if figs:
-            out.append("<p>Score distributions, ID (grey) vs each OOD set; detectors by mean AUROC.</p>")
+            out.append("<p>Score distributions, ID (grey) vs each OOD set (the detector's colour, one line style "
+                       "per set); detectors by mean AUROC.</p>")
             out.append('<div class="grid">' + "".join(figs) + "</div>")
     return out
 
@@ -383,12 +437,13 @@ def render_report(
         body += [f"<h1>{_e(heading)}</h1>", f"<p class='meta'>{sub}</p>"]
         ood_sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
         tables = ranked_tables(payload["results"], ood_sets)
-        body += _summary_section(payload, tables)
+        colours = report_colours(payload, tables) if plots.available() else None  # one per report
+        body += _summary_section(payload, tables, colours)
         nav.append(("results", "Results"))
         for i, (heading, fragment) in enumerate(sections):
             body += [f"<h2 id='extra-{i}'>{_e(heading)}</h2>", fragment]
             nav.append((f"extra-{i}", heading))
-        body += _figures_section(results_dir, payload, tables, max_histograms)
+        body += _figures_section(results_dir, payload, tables, max_histograms, colours)
         nav.append(("figures", "Figures"))
         failures = _failures_section(payload)
         if failures:

@@ -47,7 +47,7 @@ def real(effnet_lite0):
     ood = extract(effnet_lite0, Subset(test.near_ood, np.arange(80)), num_workers=0, progress=False)
     assert not fit.failures and not pool.failures and not ood.failures
     model = OODModel(effnet_lite0, "knn", {"k": 5}, alpha=ALPHA, prediction_sets="aps", progress=False)
-    model.fit_features(fit.features, fit.labels, classes=test.id_class_names, ids=fit.hashes)
+    model.fit(fit.features, labels=fit.labels, classes=test.id_class_names, ids=fit.hashes)
     return model, pool, ood
 
 

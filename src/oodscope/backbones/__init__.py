@@ -67,6 +67,26 @@ def create(spec: str, **options) -> Backbone:
     )
 
 
+_SHARED: dict[tuple, Backbone] = {}
+
+
+def create_shared(spec: str, **options) -> Backbone:
+    """:func:`create`, memoized per process by (spec, options).
+
+    Networks (and ConSE's 1,000 label embeddings) are built once even when a command or a script
+    loads several models on the same backbone.
+    """
+    key = (spec.strip(), tuple(sorted((k, repr(v)) for k, v in options.items())))
+    if key not in _SHARED:
+        _SHARED[key] = create(spec, **options)
+    return _SHARED[key]
+
+
+def clear_shared() -> None:
+    """Forget the backbones :func:`create_shared` made (frees their memory once nothing else holds them)."""
+    _SHARED.clear()
+
+
 def list_backbones() -> list[BackboneInfo]:
     """What can be created, and whether its weights are on this machine."""
     from oodscope.backbones.efficientnet import weights_available
@@ -116,7 +136,9 @@ __all__ = [
     "InputSpec",
     "TextEncoder",
     "TorchClassifier",
+    "clear_shared",
     "create",
+    "create_shared",
     "is_vision_language",
     "l2_normalize",
     "list_backbones",

@@ -6,6 +6,7 @@ A backbone knows nothing about detectors. It receives a batch of already-preproc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -183,6 +184,21 @@ class TextEncoder(Protocol):
 
 def is_vision_language(backbone: object) -> bool:
     return callable(getattr(backbone, "encode_texts", None))
+
+
+def derived_from(backbone: object) -> tuple[object, Callable[[Features], Features] | None]:
+    """The network that runs on images and the conversion of its features into ``backbone``'s.
+
+    A *derived* backbone (ConSE over a classifier) exposes the network it is computed from as
+    ``classifier`` and a cheap ``from_classifier_features(features)``: extraction runs (and caches)
+    the network, so one feature store serves the classifier and every backbone derived from it.
+    Any other backbone runs itself: ``(backbone, None)``. This is the one place that knows.
+    """
+    convert = getattr(backbone, "from_classifier_features", None)
+    network = getattr(backbone, "classifier", None)
+    if callable(convert) and network is not None and callable(getattr(network, "encode_images", None)):
+        return network, convert
+    return backbone, None
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:

@@ -121,6 +121,19 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+#: A generator, or one uniform in [0, 1) per row.
+Randomness = np.random.Generator | np.ndarray | None
+
+
+def _uniforms(rng: np.random.Generator | np.ndarray, n: int) -> np.ndarray:
+    if isinstance(rng, np.random.Generator):
+        return rng.uniform(size=(n, 1))
+    u = np.asarray(rng, dtype=np.float64).reshape(-1)
+    if u.shape != (n,) or not ((u >= 0) & (u < 1)).all():
+        raise ValueError(f"expected a generator or {n} uniforms in [0, 1), got shape {u.shape}")
+    return u.reshape(n, 1)
+
+
 class PredictionSetCalibrator:
     """Conformal prediction sets: ``fit`` on held-out (probabilities or logits, labels), then
     ``predict_sets`` returns an (N, K) boolean mask.
@@ -174,8 +187,12 @@ class PredictionSetCalibrator:
             )
         return arr
 
-    def score_matrix(self, x: Any, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Non-conformity score of every label, shape (N, K). Randomized methods draw one u per row."""
+    def score_matrix(self, x: Any, rng: Randomness = None) -> np.ndarray:
+        """Non-conformity score of every label, shape (N, K). Randomized methods draw one u per row.
+
+        ``rng``: a generator (default: the calibrator's own, seeded), or the N uniforms themselves —
+        e.g. :func:`oodscope.calibration.split.content_uniforms`, so that an image gets the same
+        ``u`` at calibration and at test time."""
         a = self._probs(x)
         if self.method == "evidential":
             log_c = _log_evidential_cost(a, self.params["evidence"])
@@ -188,8 +205,7 @@ class PredictionSetCalibrator:
         before_sorted = np.cumsum(p_sorted, axis=1) - p_sorted  # rho: mass ranked strictly before
         rho = np.take_along_axis(before_sorted, ranks, axis=1)
         if self.params["randomized"]:
-            gen = self._rng if rng is None else rng
-            u = gen.uniform(size=(p.shape[0], 1))
+            u = _uniforms(self._rng if rng is None else rng, p.shape[0])
         else:
             u = np.ones((p.shape[0], 1))
         s = rho + u * p
@@ -197,7 +213,7 @@ class PredictionSetCalibrator:
             s = s + self.params["lam"] * np.maximum(0, ranks + 1 - int(self.params["k_reg"]))
         return s
 
-    def scores(self, x: Any, labels: Any, rng: np.random.Generator | None = None) -> np.ndarray:
+    def scores(self, x: Any, labels: Any, rng: Randomness = None) -> np.ndarray:
         """Non-conformity score of the given labels, shape (N,)."""
         y = np.asarray(labels)
         s = self.score_matrix(x, rng)
@@ -208,16 +224,17 @@ class PredictionSetCalibrator:
         return s[np.arange(s.shape[0]), y]
 
     # -- calibration -------------------------------------------------------------------------------
-    def fit(self, probs_or_logits: Any, labels: Any) -> PredictionSetCalibrator:
-        """Calibrate on held-out data (not the data the classifier was trained on)."""
-        cal = np.sort(self.scores(probs_or_logits, labels))
+    def fit(self, probs_or_logits: Any, labels: Any, rng: Randomness = None) -> PredictionSetCalibrator:
+        """Calibrate on held-out data (not the data the classifier was trained on); ``rng`` as in
+        :meth:`score_matrix`."""
+        cal = np.sort(self.scores(probs_or_logits, labels, rng))
         n = int(cal.size)
         k = conformal_rank(n, 1 - Fraction(repr(self.alpha)))
         self.qhat_ = float(cal[k - 1])
         self.n_ = n
         return self
 
-    def predict_sets(self, probs_or_logits: Any, rng: np.random.Generator | None = None) -> np.ndarray:
+    def predict_sets(self, probs_or_logits: Any, rng: Randomness = None) -> np.ndarray:
         """Boolean (N, K) mask: True where the label is in the prediction set (sets may be empty)."""
         if self.qhat_ is None:
             raise RuntimeError("call fit() before predict_sets()")

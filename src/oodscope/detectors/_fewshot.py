@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from oodscope.detectors._zeroshot import ZeroShotDetector
+from oodscope.detectors._zeroshot import PromptDetector
 from oodscope.detectors.base import Detector, DetectorError, create
 from oodscope.detectors.kinds import DetectorKind
 from oodscope.text.prompts import TextEmbeddingCache
@@ -68,7 +68,7 @@ def check_positive(value: float, name: str, who: str, *, allow_zero: bool = Fals
     return value
 
 
-class FewShotTextDetector(ZeroShotDetector):
+class FewShotPromptDetector(PromptDetector):
     """A zero-shot detector that also learns from labelled ID image embeddings at fit time."""
 
     kind: ClassVar[DetectorKind] = DetectorKind.FEW_SHOT

@@ -26,7 +26,7 @@ from oodscope.detectors.kinds import DetectorKind
 from oodscope.text.prompts import TextEmbeddingCache, class_prompts, class_text_embeddings, encoder_key
 
 
-class ZeroShotDetector(Detector):
+class PromptDetector(Detector):
     """A detector whose fitted state is text embeddings of the ID class names (and maybe more text)."""
 
     kind: ClassVar[DetectorKind] = DetectorKind.ZERO_SHOT

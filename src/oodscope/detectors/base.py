@@ -342,11 +342,11 @@ def parameters(cls: type[Detector]) -> dict[str, Any]:
     }
 
 
-def check_params(cls: type[Detector], params: dict[str, Any]) -> None:
-    """Refuse unknown parameter names and missing required ones, naming the valid ones."""
+def check_params(cls: type[Detector], params: dict[str, Any], *, partial: bool = False) -> None:
+    """Refuse unknown parameter names and (unless ``partial``) missing required ones, naming the valid ones."""
     valid = parameters(cls)
     unknown = sorted(set(params) - set(valid))
-    missing = [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in params]
+    missing = [] if partial else [k for k, v in valid.items() if v is inspect.Parameter.empty and k not in params]
     if unknown or missing:
         problems = []
         if unknown:

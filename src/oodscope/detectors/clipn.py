@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodscope.detectors._zeroshot import ZeroShotDetector
+from oodscope.detectors._zeroshot import PromptDetector
 from oodscope.detectors.base import DetectorError, register
 from oodscope.text.prompts import TextEmbeddingCache, class_text_embeddings
 
 
 @register
-class CLIPN(ZeroShotDetector):
+class CLIPN(PromptDetector):
     name = "clipn"
     fit_options = ("no_text_encoder",)
 

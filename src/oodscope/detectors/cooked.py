@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from oodscope.detectors._fewshot import FewShotTextDetector, check_positive
+from oodscope.detectors._fewshot import FewShotPromptDetector, check_positive
 from oodscope.detectors._linear_probe import fit_linear_probe, probe_logits
 from oodscope.detectors.base import DetectorError, register
 
@@ -44,7 +44,7 @@ SCORINGS = ("msp", "entropy")
 
 
 @register
-class COOkeD(FewShotTextDetector):
+class COOkeD(FewShotPromptDetector):
     name = "cooked"
     requires = ("embedding", "penultimate")
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from oodscope.detectors import _gaussian as g
-from oodscope.detectors._fewshot import FewShotTextDetector, check_positive, score_logits, set_logit_scoring
+from oodscope.detectors._fewshot import FewShotPromptDetector, check_positive, score_logits, set_logit_scoring
 from oodscope.detectors.base import DetectorError, register
 
 
@@ -54,7 +54,7 @@ def ks_precision(x: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> 
 
 
 @register
-class GDA(FewShotTextDetector):
+class GDA(FewShotPromptDetector):
     name = "gda"
 
     def __init__(

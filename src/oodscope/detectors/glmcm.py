@@ -15,12 +15,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from oodscope.detectors._zeroshot import ZeroShotDetector, max_softmax
+from oodscope.detectors._zeroshot import PromptDetector, max_softmax
 from oodscope.detectors.base import DetectorError, register
 
 
 @register
-class GLMCM(ZeroShotDetector):
+class GLMCM(PromptDetector):
     name = "glmcm"
     requires = ("embedding", "patches")
 

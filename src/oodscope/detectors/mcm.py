@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from oodscope.detectors._zeroshot import ZeroShotDetector, max_softmax
+from oodscope.detectors._zeroshot import PromptDetector, max_softmax
 from oodscope.detectors.base import DetectorError, register
 
 
 @register
-class MCM(ZeroShotDetector):
+class MCM(PromptDetector):
     name = "mcm"
 
     def __init__(

@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodscope.detectors._zeroshot import ZeroShotDetector, grouped_id_mass, make_groups
+from oodscope.detectors._zeroshot import PromptDetector, grouped_id_mass, make_groups
 from oodscope.detectors.base import DetectorError, register
 from oodscope.text.lexicon import Lexicon, read_word_file, wordnet_lexicon, write_word_file
 from oodscope.text.prompts import TextEmbeddingCache, encode_texts
 
 
 @register
-class NegLabel(ZeroShotDetector):
+class NegLabel(PromptDetector):
     name = "neglabel"
     fit_options = ("lexicon",)  # a Lexicon to mine negatives from instead of the corpus
     score_batch_size = 1024  # (rows x 10k negatives) intermediates

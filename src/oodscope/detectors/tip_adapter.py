@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from oodscope.detectors._fewshot import FewShotTextDetector, check_positive, score_logits, set_logit_scoring
+from oodscope.detectors._fewshot import FewShotPromptDetector, check_positive, score_logits, set_logit_scoring
 from oodscope.detectors.base import register
 
 
 @register
-class TipAdapter(FewShotTextDetector):
+class TipAdapter(FewShotPromptDetector):
     name = "tip_adapter"
     score_batch_size = 1024  # (rows x cache size) affinity matrix per chunk
 

@@ -10,17 +10,18 @@ reading and hashing the images already done.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from oodscope.backbones.base import Features
+from oodscope.backbones.base import Features, derived_from
 from oodscope.backbones.preprocess import normalize_batch, prepare_pixels
 from oodscope.features.store import HASH_BYTES, FeatureStore
 from oodscope.io.images import ImageLoadError
@@ -35,7 +36,13 @@ class LoadFailure:
 
 @dataclass
 class ExtractionResult:
-    """Features of the images that loaded, in dataset order, and the ones that did not."""
+    """Features of the images that loaded, in dataset order, and the ones that did not.
+
+    For a derived backbone (see :func:`~oodscope.backbones.base.derived_from`) the store holds the
+    network's features and ``derive`` converts them on the way out: :attr:`features` and
+    :meth:`iter_features` give the derived backbone's features, :meth:`as_derived` another
+    backbone's view of the same extraction.
+    """
 
     indices: np.ndarray  # dataset positions of the rows
     item_ids: list[str]
@@ -47,24 +54,51 @@ class ExtractionResult:
     seconds: float
     store: FeatureStore | None = None
     _features: Features | None = field(default=None, repr=False)
+    derive: Callable[[Features], Features] | None = field(default=None, repr=False)
+    #: Seconds spent converting network features into the derived backbone's (``derive``).
+    derive_seconds: float = 0.0
+    _derived: Features | None = field(default=None, repr=False)
 
     @property
-    def features(self) -> Features:
-        """All rows in memory (loaded from the store on first access)."""
+    def network_features(self) -> Features:
+        """The network's own rows, in memory (loaded from the store on first access)."""
         if self._features is None:
             if self.store is None:
                 raise RuntimeError("no features were kept")
             self._features = self.store.gather(self.hashes)
         return self._features
 
+    @property
+    def features(self) -> Features:
+        """All rows in memory, as the backbone that was asked for sees them."""
+        if self.derive is None:
+            return self.network_features
+        if self._derived is None:
+            self._derived = self._apply(self.network_features)
+        return self._derived
+
     def iter_features(self, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, Features]]:
         """Stream (dataset indices, Features) in batches without loading everything."""
         for start in range(0, len(self.hashes), batch_size):
             stop = start + batch_size
-            if self._features is not None:
-                yield self.indices[start:stop], self._features.subset(slice(start, stop))
+            if self._derived is not None:
+                yield self.indices[start:stop], self._derived.subset(slice(start, stop))
+            elif self._features is not None:
+                yield self.indices[start:stop], self._apply(self._features.subset(slice(start, stop)))
             else:
-                yield self.indices[start:stop], self.store.gather(self.hashes[start:stop])
+                yield self.indices[start:stop], self._apply(self.store.gather(self.hashes[start:stop]))
+
+    def as_derived(self, derive: Callable[[Features], Features] | None) -> ExtractionResult:
+        """The same extraction seen through another conversion (``None``: the network's own features)."""
+        return dataclasses.replace(self, derive=derive, derive_seconds=0.0, _derived=None)
+
+    def _apply(self, feats: Features) -> Features:
+        if self.derive is None:
+            return feats
+        started = time.perf_counter()
+        out = self.derive(feats)
+        self.derive_seconds += time.perf_counter() - started
+        return out
 
 
 def content_hash(raw: bytes) -> bytes:
@@ -131,7 +165,9 @@ def extract(
 ) -> ExtractionResult:
     """Run ``backbone`` over every image of ``source`` (an :class:`oodscope.io.ImageSource`).
 
-    ``cache_dir``: where feature stores live (one sub-folder per backbone configuration).
+    A derived backbone (ConSE) runs its network and converts the features on the way out, so the
+    cache is the network's and serves every backbone derived from it. ``cache_dir``: where feature
+    stores live (one sub-folder per backbone configuration).
     ``keep_in_memory=False`` (needs ``cache_dir``) keeps memory flat: read results back with
     :meth:`ExtractionResult.iter_features`.
     """
@@ -139,6 +175,7 @@ def extract(
 
     if not keep_in_memory and cache_dir is None:
         raise ValueError("keep_in_memory=False needs a cache_dir to stream features to")
+    backbone, derive = derived_from(backbone)
     started = time.perf_counter()
     store = FeatureStore(store_dir(cache_dir, cfg := backbone_config(backbone)), cfg) if cache_dir else None
     known = set(store.index) if store is not None else set()
@@ -218,6 +255,7 @@ def extract(
         n_cached=n_cached,
         seconds=time.perf_counter() - started,
         store=store,
+        derive=derive,
     )
     if store is None and in_memory:
         everything = Features.concatenate(in_memory)

@@ -34,6 +34,7 @@ from .realdata import (
     textiles,
     write_image_folder,
 )
+from .resolve import resolve_images
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -54,6 +55,7 @@ __all__ = [
     "Relabel",
     "Subset",
     "decode_image",
+    "resolve_images",
     "digits",
     "fashion_mnist",
     "fashion_mnist_ood",

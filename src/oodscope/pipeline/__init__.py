@@ -10,14 +10,8 @@ See ``docs/pipeline.md`` and ``docs/threshold_guide.md``.
 
 from oodscope.pipeline.api import FewShotDetector, ZeroShotDetector
 from oodscope.pipeline.heads import ClassHead, LinearProbeHead, LogitsHead, ZeroShotHead, load_head
-from oodscope.pipeline.model import (
-    OODModel,
-    OODModelError,
-    as_image_source,
-    backbone_from_spec,
-    clear_backbone_cache,
-    split_calibration,
-)
+from oodscope.pipeline.inputs import OODModelError, as_image_source
+from oodscope.pipeline.model import OODModel
 from oodscope.pipeline.predictions import PredictionRow, Predictions
 
 __all__ = [
@@ -32,8 +26,5 @@ __all__ = [
     "ZeroShotDetector",
     "ZeroShotHead",
     "as_image_source",
-    "backbone_from_spec",
-    "clear_backbone_cache",
     "load_head",
-    "split_calibration",
 ]

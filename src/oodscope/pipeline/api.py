@@ -4,8 +4,8 @@
 images + a feature-space detector) are thin wrappers: each holds an ``OODModel`` in ``.model`` and
 forwards to it, so everything (calibration, prediction sets, save/load) is the OODModel contract.
 
-Not to be confused with :class:`oodscope.detectors._zeroshot.ZeroShotDetector`, the internal base
-class of zero-shot *detectors* (MCM, NegLabel, ...); this one is the public end-to-end pipeline.
+The detectors these build on have their own base classes (``PromptDetector`` for MCM, NegLabel, ...;
+``FewShotPromptDetector`` for GDA, Tip-Adapter, ...); these two are the public end-to-end pipeline.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from oodscope.calibration import Threshold
+from oodscope.detectors import registered
+from oodscope.detectors.fitting import class_needs
 from oodscope.pipeline.model import OODModel, OODModelError
 from oodscope.pipeline.predictions import Predictions
 
@@ -98,12 +100,12 @@ class ZeroShotDetector(_Wrapper):
         progress: bool = True,
         **method_params: Any,
     ) -> None:
+        if method in registered() and class_needs(method).features:
+            raise OODModelError(f"{method} is not a zero-shot method; use FewShotDetector (or OODModel)")
         if classes is not None:
             method_params["classes"] = list(classes)
         self.model = OODModel(backbone, method, method_params, alpha=alpha, prediction_sets=prediction_sets,
                               cache_dir=cache_dir, progress=progress)
-        if not self.model.zero_shot:
-            raise OODModelError(f"{method} is not a zero-shot method; use FewShotDetector (or OODModel)")
 
     def fit(self, calibration: Any = None, *, classes: list[str] | None = None,
             labels: Any = None) -> ZeroShotDetector:

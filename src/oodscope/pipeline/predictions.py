@@ -25,6 +25,7 @@ class PredictionRow:
     for an accepted image (randomized APS / LAC allow empty sets). ``None`` when the model has no
     calibrated prediction sets.
     ``error``: why the image could not be scored (unreadable file, ...); every other field is None.
+    A model that is not calibrated gives scores (and classes) only: ``p_value`` and ``ood`` are None.
     """
 
     item_id: str
@@ -75,6 +76,8 @@ class Predictions:
     set_mask: np.ndarray | None = None
     ood_fdr: np.ndarray | None = None
     fdr: float | None = None
+    #: False for a model without calibration: scores only (p-values and decisions are None).
+    calibrated: bool = True
     _rows: list[PredictionRow] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -114,13 +117,13 @@ class Predictions:
             k = int(self.probabilities[i].argmax())
             predicted, probability = self.class_names[k], float(self.probabilities[i, k])
         members = None
-        ood = bool(self.ood[i])
+        ood = bool(self.ood[i]) if self.calibrated else None
         if self.set_mask is not None and self.class_names is not None:
             members = [] if ood else [c for c, m in zip(self.class_names, self.set_mask[i], strict=True) if m]
         return PredictionRow(
             item_id=self.item_ids[i],
             score=_opt_float(self.scores[i]),
-            p_value=_opt_float(self.p_values[i]),
+            p_value=_opt_float(self.p_values[i]) if self.calibrated else None,
             ood=ood,
             predicted_class=predicted,
             class_probability=probability,
@@ -144,6 +147,8 @@ class Predictions:
         Conformal p-values against one calibration set are PRDS (Bates et al. 2023), so the expected
         fraction of ID images among the flagged ones is at most ``q * (#ID / #scored)``.
         """
+        if not self.calibrated:
+            raise ValueError("Benjamini-Hochberg needs p-values: the model is not calibrated")
         ok = self.ok
         flags = np.zeros(len(self), dtype=bool)
         if ok.any():
@@ -170,4 +175,5 @@ class Predictions:
             class_names=first.class_names,
             probabilities=cat("probabilities"),
             set_mask=cat("set_mask"),
+            calibrated=first.calibrated,
         )

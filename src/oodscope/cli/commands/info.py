@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from oodscope.pipeline import OODModel, OODModelError
-    from oodscope.pipeline.model import FORMAT, MODEL_FILE, describe_summary
+    from oodscope.pipeline.persistence import FORMAT, MODEL_FILE, describe_summary
 
     path = args.model / MODEL_FILE
     try:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from oodscope.backbones.base import Features
+from oodscope.detectors.kinds import FitNeeds
 from oodscope.evaluation import audit as A
 from oodscope.evaluation.audit import (
     CorruptionAuditResult,
@@ -418,6 +419,9 @@ class _Stateful:
     def reset(self):
         self.resets += 1
         return self
+
+    def fit_needs(self) -> FitNeeds:
+        return FitNeeds(text_encoder=True, classes=True, adaptive=True)  # what the test-time-adaptive kind declares
 
     def score(self, f: Features) -> np.ndarray:
         self.streams.append(f.embedding[:, 0].copy())

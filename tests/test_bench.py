@@ -14,6 +14,7 @@ from tiny_models import tiny_classifier
 from oodscope.backbones.base import Features
 from oodscope.backbones.conse import ConSE
 from oodscope.detectors import create, registered
+from oodscope.detectors.fitting import build_detector, class_needs, fit_detector
 from oodscope.evaluation.bench import (
     BenchConfig,
     OODSet,
@@ -137,18 +138,12 @@ def test_metrics_equal_a_direct_computation(run, data):
                  for k, v in data.items()}
         for name in DETECTORS:
             cls = registered()[name]
-            if backbone is clf and getattr(cls, "needs_text_encoder", False):
+            if backbone is clf and class_needs(cls).text_encoder:
                 continue
             if backbone is vlm and "logits" in cls.requires:
                 continue
-            params = {"k": 3} if name == "knn" else {}
-            if getattr(cls, "needs_text_encoder", False):
-                det = create(name, classes=CLASSES, **params).fit(text_encoder=backbone)
-            elif cls.needs_fit:
-                labels = feats["id_fit"].labels if cls.needs_labels else None
-                det = create(name, **params).fit(feats["id_fit"].features, labels)
-            else:
-                det = create(name, **params)
+            det = build_detector(name, {"k": 3} if name == "knn" else {}, CLASSES)
+            fit_detector(det, feats["id_fit"].features, feats["id_fit"].labels, text_encoder=backbone)
             direct = {k: det.score(feats[k].features) for k in ("id", "near_a", "far_b")}
             saved = result.load_scores(backbone.id, name)
             np.testing.assert_allclose(saved["id"], direct["id"], rtol=1e-6, atol=1e-9)

@@ -402,7 +402,7 @@ def missing_fit_inputs(needs: FitNeeds, *, features: bool, labels: bool, text_en
     if needs.labels and not labels:
         missing.append("the class labels of the ID features")
     if needs.text_encoder and not text_encoder:
-        missing.append("text_encoder= (a vision-language backbone, or any object with encode_texts)")
+        missing.append("a text encoder (text_encoder=: a vision-language backbone, or any object with encode_texts)")
     return missing
 
 

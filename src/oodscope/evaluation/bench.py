@@ -26,12 +26,10 @@ per set: ``id`` and each OOD set name) and ``report.html``.
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from oodscope.backbones.base import Features, is_vision_language
+from oodscope.backbones.base import Features, derived_from, is_vision_language
+from oodscope.detectors import DetectorError
+from oodscope.detectors.fitting import build_detector, fit_detector, fit_problems
 from oodscope.evaluation.bench_accuracy import accuracy, id_predictor, labels_are_logit_classes, own_predictions
 from oodscope.evaluation.bench_config import (
     BenchConfig,
@@ -47,13 +47,13 @@ from oodscope.evaluation.bench_config import (
     describe,
     load_config,
     parse_ood_flag,
-    resolve_data,
     spread,
 )
 from oodscope.evaluation.bench_output import environment, write_results
 from oodscope.evaluation.metrics import ood_metrics
 from oodscope.evaluation.tables import METRICS, markdown, ranked_tables
-from oodscope.io import ImageSource, Subset
+from oodscope.features.extract import ExtractionResult, backbone_config, extract
+from oodscope.io import ImageSource, Subset, resolve_images
 
 __all__ = [  # the runner, and the names of its sibling modules that callers import from here
     "BenchConfig",
@@ -65,7 +65,6 @@ __all__ = [  # the runner, and the names of its sibling modules that callers imp
     "markdown",
     "parse_ood_flag",
     "ranked_tables",
-    "resolve_data",
     "run_benchmark",
     "spread",
     "write_results",
@@ -89,7 +88,7 @@ def _plan_sets(cfg: BenchConfig) -> tuple[dict[str, _Set], list[str] | None]:
     classes = cfg.classes
     id_spec, fit_spec, oods = cfg.id, cfg.id_fit, list(cfg.ood)
     if cfg.benchmark:
-        from oodscope.evaluation.datasets import get_benchmark
+        from oodscope.io.registry import get_benchmark
 
         bench = get_benchmark(cfg.benchmark)
         id_spec = id_spec if id_spec is not None else bench.id
@@ -106,14 +105,14 @@ def _plan_sets(cfg: BenchConfig) -> tuple[dict[str, _Set], list[str] | None]:
     names = [o.name for o in oods]
     if len(set(names)) != len(names) or {"id", "id_fit"} & set(names):
         raise ValueError(f"OOD set names must be unique and not 'id'/'id_fit': {names}")
-    sets = {"id": _Set("id", "id", None, _limited(resolve_data(id_spec), cfg.limit), describe(id_spec))}
+    sets = {"id": _Set("id", "id", None, _limited(resolve_images(id_spec), cfg.limit), describe(id_spec))}
     if fit_spec is not None:
         limit = cfg.fit_limit if cfg.fit_limit is not None else cfg.limit
-        sets["id_fit"] = _Set("id_fit", "id_fit", None, _limited(resolve_data(fit_spec), limit), describe(fit_spec))
+        sets["id_fit"] = _Set("id_fit", "id_fit", None, _limited(resolve_images(fit_spec), limit), describe(fit_spec))
     for o in oods:
         if o.kind not in (None, "near", "far"):
             raise ValueError(f"OOD set {o.name}: kind must be 'near', 'far' or empty, got {o.kind!r}")
-        sets[o.name] = _Set(o.name, "ood", o.kind, _limited(resolve_data(o.data), cfg.limit), describe(o.data))
+        sets[o.name] = _Set(o.name, "ood", o.kind, _limited(resolve_images(o.data), cfg.limit), describe(o.data))
     if classes is None:
         classes = sets["id"].source.class_names
     return sets, (list(classes) if classes is not None else None)
@@ -129,8 +128,8 @@ def _limited(source: ImageSource, limit: int | None) -> ImageSource:
 class _BackboneEntry:
     name: str
     backbone: Any
-    base: Any  # the network that is run on images
-    derive: Callable[[Features], Features] | None  # base features -> this backbone's features
+    network: Any  # what runs on images (the classifier under a derived backbone such as ConSE)
+    derive: Callable[[Features], Features] | None  # network features -> this backbone's features
 
 
 def _plan_backbones(cfg: BenchConfig) -> list[_BackboneEntry]:
@@ -138,47 +137,34 @@ def _plan_backbones(cfg: BenchConfig) -> list[_BackboneEntry]:
 
     if not cfg.backbones:
         raise ValueError("no backbone: give backbones (--backbone B)")
-    made: dict[str, Any] = {}
-
-    def classifier(spec: str) -> Any:
-        if spec not in made:
-            made[spec] = create(spec, device=cfg.device, **cfg.backbone_options.get(spec, {}))
-        return made[spec]
-
     entries = []
     for item in cfg.backbones:
-        if isinstance(item, str) and item.startswith("conse:"):
-            from oodscope.backbones.conse import ConSE
-            from oodscope.backbones.text_minilm import MiniLMTextEncoder
-
-            base = classifier(item[len("conse:"):])
-            options = dict(cfg.backbone_options.get(item, {}))
-            backbone = ConSE(base, MiniLMTextEncoder(device=base.device), **options)
-            entries.append(_BackboneEntry(item, backbone, base, backbone.from_classifier_features))
-        elif isinstance(item, str):
-            backbone = classifier(item)
-            entries.append(_BackboneEntry(item, backbone, backbone, None))
-        elif callable(getattr(item, "from_classifier_features", None)) and getattr(item, "classifier", None):
-            entries.append(_BackboneEntry(item.id, item, item.classifier, item.from_classifier_features))
+        if isinstance(item, str):
+            backbone = create(item, device=cfg.device, **cfg.backbone_options.get(item, {}))
+            name = item
         else:
-            entries.append(_BackboneEntry(item.id, item, item, None))
+            backbone, name = item, item.id
+        network, derive = derived_from(backbone)
+        entries.append(_BackboneEntry(name, backbone, network, derive))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"backbones listed twice: {names}")
     return entries
 
 
+def _network_key(network: Any) -> str:
+    """Backbones whose networks compute the same features share one extraction (and its cache)."""
+    return repr(sorted(backbone_config(network).items()))
+
+
 # ============================================================================ features
 class _FeatureSet:
     """One set's features for one backbone: whole (``all``) or in batches (``batches``)."""
 
-    def __init__(self, extraction, derive, batch: int, stream: bool) -> None:
+    def __init__(self, extraction: ExtractionResult, batch: int, stream: bool) -> None:
         self.extraction = extraction
-        self.derive = derive
         self.batch = batch
         self.stream = stream
-        self._all: Features | None = None
-        self.derive_seconds = 0.0
 
     def __len__(self) -> int:
         return len(self.extraction.indices)
@@ -187,21 +173,10 @@ class _FeatureSet:
     def labels(self) -> np.ndarray | None:
         return self.extraction.labels
 
-    def _apply(self, feats: Features) -> Features:
-        if self.derive is None:
-            return feats
-        started = time.perf_counter()
-        out = self.derive(feats)
-        self.derive_seconds += time.perf_counter() - started
-        return out
-
     def all(self) -> Features:
-        if self._all is None:
-            feats = self._apply(self.extraction.features)
-            if self.stream:
-                return feats  # not kept: streaming runs hold no whole set
-            self._all = feats
-        return self._all
+        if self.stream:  # not kept: streaming runs hold no whole set
+            return self.extraction.as_derived(self.extraction.derive).features
+        return self.extraction.features
 
     def batches(self) -> Iterator[Features]:
         if not self.stream:
@@ -210,7 +185,7 @@ class _FeatureSet:
                 yield whole.subset(slice(start, start + self.batch))
             return
         for _, feats in self.extraction.iter_features(self.batch):
-            yield self._apply(feats)
+            yield feats
 
 
 # ============================================================================ results
@@ -277,50 +252,43 @@ def run_benchmark(config: BenchConfig | Mapping[str, Any]) -> BenchResult:
                         "seconds": round(float(seconds), 6),
                         "cpu_seconds": None if cpu_seconds is None else round(float(cpu_seconds), 6)})
 
+    ctx = _Context(cfg, sets, classes, labels_aligned, out, timing, log)
     for position, entry in enumerate(entries):
         log(f"backbone {entry.name}")
+        network = _network_key(entry.network)
         feature_sets: dict[str, _FeatureSet] = {}
         for set_name, s in sets.items():
-            key = (id(entry.base), set_name)
+            key = (network, set_name)
             if key not in extractions:
-                from oodscope.features.extract import extract
-
-                result = extract(entry.base, s.source, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                result = extract(entry.network, s.source, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  cache_dir=cache_dir, keep_in_memory=not cfg.stream, progress=cfg.progress,
-                                 description=f"{entry.base.id} {set_name}")
+                                 description=f"{entry.network.id} {set_name}")
                 extractions[key] = result
                 timing(entry.name, "extract", result.seconds, set_name=set_name)
                 info = datasets_info.setdefault(set_name, {
                     "role": s.role, "kind": s.kind, "data": s.description, "images": len(s.source),
                     "class_names": s.source.class_names, "failed_images": {}})
-                info["failed_images"][entry.base.id] = [f.__dict__ for f in result.failures[:20]]
+                info["failed_images"][entry.network.id] = [f.__dict__ for f in result.failures[:20]]
                 info["n_failed"] = max(info.get("n_failed", 0), len(result.failures))
             else:
                 timing(entry.name, "extract", 0.0, set_name=set_name)  # shared with another backbone
-            feature_sets[set_name] = _FeatureSet(extractions[key], entry.derive, cfg.stream_batch, cfg.stream)
-        bb_rows, bb_failures, bb_scores = _run_backbone(entry, plan[entry.name], feature_sets, sets, classes,
-                                                        labels_aligned, cfg, out, timing, log)
+            feature_sets[set_name] = _FeatureSet(extractions[key].as_derived(entry.derive), cfg.stream_batch,
+                                                 cfg.stream)
+        bb_rows, bb_failures, bb_scores = _run_backbone(ctx, entry, plan[entry.name], feature_sets)
         for set_name, fs in feature_sets.items():
-            if fs.derive_seconds:
-                timing(entry.name, "derive", fs.derive_seconds, set_name=set_name)
+            if fs.extraction.derive_seconds:
+                timing(entry.name, "derive", fs.extraction.derive_seconds, set_name=set_name)
         rows += bb_rows
         failures += bb_failures
         score_files[entry.name] = bb_scores
-        if all(e.base is not entry.base for e in entries[position + 1:]):
-            for key in [k for k in extractions if k[0] == id(entry.base)]:
+        if all(_network_key(e.network) != network for e in entries[position + 1:]):
+            for key in [k for k in extractions if k[0] == network]:
                 del extractions[key]  # no later backbone shares these features: free them
 
     result = BenchResult(
         output=out, rows=rows, failures=failures, timings=timings, datasets=datasets_info,
         config=cfg.to_dict() | {"classes": classes}, environment=environment(started_at), scores=score_files)
     write_results(result)
-    if cfg.report:
-        try:
-            from oodscope.reports.html import render_report
-
-            render_report(out, out / "report.html")
-        except Exception as err:  # noqa: BLE001 - the numbers are written; a report problem must not lose them
-            warnings.warn(f"report.html not written: {type(err).__name__}: {err}", stacklevel=2)
     return result
 
 
@@ -367,14 +335,21 @@ class _Log:
             print(message, file=sys.stderr, flush=True)
 
 
-def _required_params(cls: type) -> list[str]:
-    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
-            if p.name != "self" and p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
 def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()
+
+
+@dataclass
+class _Context:
+    """What every backbone's detectors share in one benchmark run."""
+
+    cfg: BenchConfig
+    sets: dict[str, _Set]
+    classes: list[str] | None
+    labels_aligned: bool
+    out: Path
+    timing: Callable[..., None]
+    log: Callable[[str], None]
 
 
 @dataclass
@@ -392,105 +367,115 @@ class _Run:
     note: str = ""
 
 
-def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg, out, timing, log):
-    from oodscope.detectors import create, registered
+class _Failures(list):
+    """Detectors that did not run, with the stage and reason (logged as they happen)."""
 
-    reg = registered()
-    failures: list[dict[str, Any]] = []
-    runs: list[_Run] = []
+    def __init__(self, backbone: str, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.backbone, self.log = backbone, log
+
+    def __call__(self, detector: str, stage: str, reason: str) -> None:
+        self.append({"backbone": self.backbone, "detector": detector, "stage": stage, "reason": reason})
+        self.log(f"  {detector}: not run ({stage}): {reason}")
+
+
+def _run_backbone(ctx: _Context, entry: _BackboneEntry, names: list[str],
+                  feature_sets: dict[str, _FeatureSet]) -> tuple[list[dict], list[dict], dict[str, str]]:
+    fail = _Failures(entry.name, ctx.log)
+    planned = _plan_detectors(ctx, entry, names, feature_sets, fail)
     fit = feature_sets.get("id_fit")
-    fit_features: Features | None = None
-    fit_labels = None if fit is None else fit.labels
+    fit_features = _LazyFit(fit, entry.name, ctx.timing)
+    runs = [run for name, detector in planned
+            if (run := _fit_run(ctx, entry, name, detector, fit_features, fail)) is not None]
+    predictor = None
+    if ctx.cfg.id_accuracy != "off" and ctx.labels_aligned:
+        predictor = id_predictor(entry, fit, fit_features.get, ctx.classes, ctx.cfg, ctx.timing)
+    fit_features.release()  # fitted detectors keep what they need; free the rest before scoring
+    shared = _score_runs(ctx, entry, runs, feature_sets, predictor, fail)
+    rows, score_files = _result_rows(ctx, entry, runs, feature_sets, shared, predictor, fail)
+    return rows, list(fail), score_files
 
-    def fail(detector: str, stage: str, reason: str) -> None:
-        failures.append({"backbone": entry.name, "detector": detector, "stage": stage, "reason": reason})
-        log(f"  {detector}: not run ({stage}): {reason}")
 
-    vision_language = is_vision_language(entry.backbone)
+def _plan_detectors(ctx: _Context, entry: _BackboneEntry, names: list[str], feature_sets: dict[str, _FeatureSet],
+                    fail: _Failures) -> list[tuple[str, Any]]:
+    """Each detector created and checked against what this backbone and the data provide."""
     provided = _provided_fields(feature_sets["id"])
+    fit = feature_sets.get("id_fit")
+    have_labels = fit is not None and fit.labels is not None and not (fit.labels < 0).any()
+    planned = []
     for name in names:
-        cls = reg[name]
-        lacking = [r for r in cls.requires if r != "model" and r not in provided]
+        try:
+            detector = build_detector(name, ctx.cfg.detector_params.get(name, {}), ctx.classes)
+        except DetectorError as err:
+            fail(name, "plan" if "class names" in str(err) or "parameter" in str(err) else "create", str(err))
+            continue
+        lacking = [r for r in detector.fields() if r != "model" and r not in provided]
         if lacking:
             hint = {"patches": " (backbone option patches=true adds them)",
                     "layers": " (backbone option layers=true adds them)"}
             fail(name, "plan", f"needs {lacking} from the backbone's features; {entry.name} provides "
                  f"{sorted(provided & _FEATURE_FIELDS)}" + "".join(hint.get(x, "") for x in lacking))
             continue
-        params = dict(cfg.detector_params.get(name, {}))
-        text = getattr(cls, "needs_text_encoder", False)
-        if "model" in cls.requires:
-            if not cfg.model_based:
-                fail(name, "skipped", "model-in-the-loop method (one forward+backward pass per image); "
-                     "set model_based = true (--model-based) to run it")
-                continue
-            if not callable(getattr(entry.backbone, "classifier_parts", None)):
-                fail(name, "plan", f"needs a classifier backbone with classifier_parts(); {entry.name} has none")
-                continue
-        if text:
-            if not vision_language:
-                fail(name, "plan", f"zero-shot/few-shot method: needs a vision-language backbone (with "
-                     f"encode_texts); {entry.name} has no text encoder")
-                continue
-            if "classes" not in params:
-                if classes is None:
-                    fail(name, "plan", "needs the ID class names: give classes (--classes) or an ID set with names")
-                    continue
-                params["classes"] = list(classes)
-        missing = [p for p in _required_params(cls) if p not in params]
-        if missing:
-            fail(name, "plan", f"needs parameter(s) {missing} without defaults; give them in "
-                 f"detector_params.{name}")
+        needs = detector.fit_needs()
+        if needs.model and not ctx.cfg.model_based:
+            fail(name, "skipped", "model-in-the-loop method (one forward+backward pass per image); "
+                 "set model_based = true (--model-based) to run it")
             continue
-        needs_images = (cls.needs_fit and not (text and not cls.needs_labels) and "model" not in cls.requires)
-        if needs_images and fit is None:
-            fail(name, "plan", "needs an ID fit set (--id-fit)")
+        problems = fit_problems(detector, features=fit is not None, labels=have_labels,
+                                text_encoder=is_vision_language(entry.backbone),
+                                classifier=callable(getattr(entry.backbone, "classifier_parts", None)))
+        if problems:
+            fail(name, "plan", f"needs {' and '.join(problems)}" + (" (--id-fit)" if not fit and needs.features
+                                                                       else ""))
             continue
-        labels = None
-        if cls.needs_labels:
-            if fit_labels is None or (fit_labels < 0).any():
-                fail(name, "plan", "needs class labels for every ID fit image")
-                continue
-            labels = fit_labels
-        try:
-            detector = create(name, **params)
-        except Exception as err:  # noqa: BLE001
-            fail(name, "create", _reason(err))
-            continue
-        note = ""
-        started, cpu_started = time.perf_counter(), time.process_time()
-        try:
-            if "model" in cls.requires:
-                detector.fit()
-            elif text and not cls.needs_labels:
-                detector.fit(text_encoder=entry.backbone)
-            elif cls.needs_fit or cls.needs_labels:
-                if fit_features is None:
-                    load_started = time.perf_counter()
-                    fit_features = fit.all()
-                    timing(entry.name, "load_fit", time.perf_counter() - load_started, set_name="id_fit")
-                    started, cpu_started = time.perf_counter(), time.process_time()
-                if name in LABELS_FROM_CLASSIFIER and labels is not None and fit_features.logits is not None \
-                        and not labels_are_logit_classes(fit_features, classes):
-                    labels = np.asarray(fit_features.logits).argmax(axis=1)
-                    note = "fitted with the classifier's own predictions as labels (ID labels are not its classes)"
-                if text:
-                    detector.fit(fit_features, labels, text_encoder=entry.backbone)
-                else:
-                    detector.fit(fit_features, labels)
-        except Exception as err:  # noqa: BLE001 - recorded, the run goes on
-            fail(name, "fit", _reason(err))
-            continue
-        run = _Run(name, detector, "model" if "model" in cls.requires else "features", note=note)
-        run.fit_seconds = time.perf_counter() - started
-        run.fit_cpu = time.process_time() - cpu_started
-        runs.append(run)
-    predictor = None
-    if cfg.id_accuracy != "off" and labels_aligned:
-        loaded = fit_features
-        predictor = id_predictor(entry, fit, lambda: loaded if loaded is not None else fit.all(), classes, cfg,
-                                  timing)
-    fit_features = loaded = None  # fitted detectors keep what they need; free the rest before scoring
+        planned.append((name, detector))
+    return planned
+
+
+class _LazyFit:
+    """The ID fit set's features, loaded on first use (detectors that learn nothing never load them)."""
+
+    def __init__(self, fit: _FeatureSet | None, backbone: str, timing: Callable[..., None]) -> None:
+        self.fit, self.backbone, self.timing = fit, backbone, timing
+        self._features: Features | None = None
+
+    def get(self) -> Features:
+        if self._features is None:
+            started = time.perf_counter()
+            self._features = self.fit.all()
+            self.timing(self.backbone, "load_fit", time.perf_counter() - started, set_name="id_fit")
+        return self._features
+
+    def release(self) -> None:
+        self._features = None
+
+
+def _fit_run(ctx: _Context, entry: _BackboneEntry, name: str, detector: Any, fit_features: _LazyFit,
+             fail: _Failures) -> _Run | None:
+    """Fit one detector by its kind (timed); ``None`` when fitting failed (recorded)."""
+    needs = detector.fit_needs()
+    features = fit_features.get() if needs.features else None
+    labels = fit_features.fit.labels if needs.labels else None
+    note = ""
+    if name in LABELS_FROM_CLASSIFIER and labels is not None and features.logits is not None \
+            and not labels_are_logit_classes(features, ctx.classes):
+        labels = np.asarray(features.logits).argmax(axis=1)
+        note = "fitted with the classifier's own predictions as labels (ID labels are not its classes)"
+    started, cpu_started = time.perf_counter(), time.process_time()
+    try:
+        fit_detector(detector, features, labels, text_encoder=entry.backbone)
+    except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+        fail(name, "fit", _reason(err))
+        return None
+    run = _Run(name, detector, "model" if needs.model else "features", note=note)
+    run.fit_seconds = time.perf_counter() - started
+    run.fit_cpu = time.process_time() - cpu_started
+    return run
+
+
+def _score_runs(ctx: _Context, entry: _BackboneEntry, runs: list[_Run], feature_sets: dict[str, _FeatureSet],
+                predictor: Any, fail: _Failures) -> np.ndarray | None:
+    """Every detector scores every test set batch by batch; returns the shared ID predictions."""
     shared_predictions: list[np.ndarray] = []
     feature_runs = [r for r in runs if r.kind == "features"]
     for set_name in [n for n in feature_sets if n != "id_fit"]:
@@ -503,7 +488,7 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
                     run.scores.setdefault(set_name, []).append(np.asarray(run.detector.score(feats), np.float64))
                     run.score_seconds += time.perf_counter() - started
                     run.score_cpu += time.process_time() - cpu_started
-                    if set_name == "id" and cfg.id_accuracy != "off":
+                    if set_name == "id" and ctx.cfg.id_accuracy != "off":
                         own = own_predictions(run, feats)
                         if own is not None:
                             run.predictions.append(own)
@@ -513,15 +498,19 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
                     runs.remove(run)
     for run in [r for r in runs if r.kind == "model"]:
         try:
-            _score_with_model(run, entry, feature_sets, sets, cfg)
+            _score_with_model(run, entry, feature_sets, ctx.sets, ctx.cfg)
         except Exception as err:  # noqa: BLE001
             fail(run.name, "score (model)", _reason(err))
             runs.remove(run)
+    return np.concatenate(shared_predictions) if shared_predictions else None
 
+
+def _result_rows(ctx: _Context, entry: _BackboneEntry, runs: list[_Run], feature_sets: dict[str, _FeatureSet],
+                 shared: np.ndarray | None, predictor: Any, fail: _Failures) -> tuple[list[dict], dict[str, str]]:
+    """Metrics per (detector, OOD set) and the near/far/all averages; scores saved per detector."""
     rows: list[dict[str, Any]] = []
     score_files: dict[str, str] = {}
-    id_labels = feature_sets["id"].labels if labels_aligned else None
-    shared = np.concatenate(shared_predictions) if shared_predictions else None
+    id_labels = feature_sets["id"].labels if ctx.labels_aligned else None
     ood_names = [n for n in feature_sets if n not in ("id", "id_fit")]
     for run in runs:
         scores = {k: np.concatenate(v) for k, v in run.scores.items()}
@@ -531,20 +520,21 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
             fail(run.name, "metrics", str(err))
             continue
         note = "; ".join(x for x in (run.note, *run.detector.fit_info_.get("warnings", []), inf_note) if x)
-        timing(entry.name, "fit", run.fit_seconds, detector=run.name, cpu_seconds=run.fit_cpu)
-        timing(entry.name, "score", run.score_seconds, detector=run.name, cpu_seconds=run.score_cpu)
-        acc, acc_source = accuracy(run, shared, predictor, id_labels, classes)
+        ctx.timing(entry.name, "fit", run.fit_seconds, detector=run.name, cpu_seconds=run.fit_cpu)
+        ctx.timing(entry.name, "score", run.score_seconds, detector=run.name, cpu_seconds=run.score_cpu)
+        acc, acc_source = accuracy(run, shared, predictor, id_labels, ctx.classes)
         rel = Path("scores") / _slug(entry.name) / f"{_slug(run.name)}.safetensors"
-        _save_scores(out / rel, scores, {"backbone": entry.name, "detector": run.name})
+        _save_scores(ctx.out / rel, scores, {"backbone": entry.name, "detector": run.name})
         score_files[run.name] = rel.as_posix()
+        common = {"backbone": entry.name, "detector": run.name, "id_accuracy": acc,
+                  "id_accuracy_source": acc_source, "fit_s": round(run.fit_seconds, 4),
+                  "score_s": round(run.score_seconds, 4), "note": note}
         per_set = []
         for set_name in ood_names:
             m = ood_metrics(scores["id"], scores[set_name])
             row = {"backbone": entry.name, "detector": run.name, "set": set_name,
-                   "kind": sets[set_name].kind or "", **{k: float(m[k]) for k in METRICS},
-                   "n_id": int(m["n_id"]), "n_ood": int(m["n_ood"]), "id_accuracy": acc,
-                   "id_accuracy_source": acc_source, "fit_s": round(run.fit_seconds, 4),
-                   "score_s": round(run.score_seconds, 4), "note": note}
+                   "kind": ctx.sets[set_name].kind or "", **{k: float(m[k]) for k in METRICS},
+                   "n_id": int(m["n_id"]), "n_ood": int(m["n_ood"])} | common
             rows.append(row)
             per_set.append(row)
         for label, members in (("near", [r for r in per_set if r["kind"] == "near"]),
@@ -553,10 +543,8 @@ def _run_backbone(entry, names, feature_sets, sets, classes, labels_aligned, cfg
                 continue
             rows.append({"backbone": entry.name, "detector": run.name, "set": f"{label}-average",
                          "kind": "average", **{k: float(np.mean([r[k] for r in members])) for k in METRICS},
-                         "n_id": members[0]["n_id"], "n_ood": int(sum(r["n_ood"] for r in members)),
-                         "id_accuracy": acc, "id_accuracy_source": acc_source,
-                         "fit_s": round(run.fit_seconds, 4), "score_s": round(run.score_seconds, 4), "note": note})
-    return rows, failures, score_files
+                         "n_id": members[0]["n_id"], "n_ood": int(sum(r["n_ood"] for r in members))} | common)
+    return rows, score_files
 
 
 _FEATURE_FIELDS = {"embedding", "logits", "penultimate", "patches", "layers", "weight", "bias", "logit_scale"}

@@ -52,7 +52,7 @@ def id_predictor(entry, fit, get_fit, classes, cfg, timing):
     def from_logits(feats: Features) -> np.ndarray:
         return np.asarray(feats.logits).argmax(axis=1)
 
-    base_names = getattr(entry.base, "class_names", None)
+    base_names = getattr(entry.network, "class_names", None)
     if cfg.id_accuracy == "auto" and classes is not None and base_names is not None \
             and list(base_names) == list(classes):
         from_logits.source = "classifier logits"  # type: ignore[attr-defined]

@@ -1,5 +1,5 @@
 """What ``oodscope bench`` runs: :class:`BenchConfig` (from keyword arguments, a dict, TOML or YAML),
-OOD set flags, and how a data spec (registry name, built-in, path, ImageSource) becomes images."""
+and OOD set flags. Data specs are turned into images by :func:`oodscope.io.resolve_images`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from oodscope.io import ImageSource
+from oodscope.io import describe_source
 
 
 # ============================================================================ configuration
@@ -25,9 +25,9 @@ class OODSet:
 
 @dataclass
 class BenchConfig:
-    """What to run. Data are registry names (``oodscope.evaluation.datasets``), the built-in names of
-    ``oodscope extract`` (``fashion-mnist[:split]``, ``digits``, ``textiles[:kind]``), paths, or
-    ImageSource objects; backbones are spec strings or backbone objects."""
+    """What to run. Data are data specs (:func:`oodscope.io.resolve_images`: registry names such as
+    ``fashion-mnist/test`` or ``textiles/local``, paths, or ImageSource objects); backbones are spec
+    strings or backbone objects."""
 
     backbones: list[Any] = field(default_factory=list)
     #: Names, "all", or per backbone: ``{"effnet-lite0": ["msp", "vim"], "conse:effnet-lite0": ["mcm"]}``.
@@ -107,11 +107,10 @@ def parse_ood_flag(text: str) -> OODSet:
 
 
 def describe(value: Any) -> Any:
+    """A data spec as people read it (a name or path as given; objects by what they hold)."""
     if value is None or isinstance(value, str | int | float):
         return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return repr(value)
+    return describe_source(value)
 
 
 def load_config(path: str | os.PathLike) -> BenchConfig:
@@ -141,25 +140,6 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
 
 
 # ============================================================================ data
-def resolve_data(spec: Any) -> ImageSource:
-    """An ImageSource from a registry name, a built-in name of ``oodscope extract``, or a path."""
-    if isinstance(spec, ImageSource):
-        return spec
-    from oodscope.evaluation import datasets as registry
-
-    text = os.fspath(spec)
-    if not Path(text).exists():
-        try:
-            registry.get_spec(text)
-        except KeyError:
-            pass
-        else:
-            return registry.get_dataset(text)
-    from oodscope.cli.commands.extract import resolve_source
-
-    return resolve_source(text)
-
-
 def spread(n: int, limit: int | None) -> np.ndarray:
     """``limit`` indices spread evenly over ``range(n)`` (all of them when ``limit`` is None or >= n).
 

@@ -34,7 +34,7 @@ from .realdata import (
     textiles,
     write_image_folder,
 )
-from .resolve import resolve_images
+from .resolve import describe_source, resolve_images
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -55,6 +55,7 @@ __all__ = [
     "Relabel",
     "Subset",
     "decode_image",
+    "describe_source",
     "resolve_images",
     "digits",
     "fashion_mnist",

@@ -27,7 +27,7 @@ import numpy as np
 from oodscope.io.datasets import LIST_EXTENSIONS, ArrayDataset, Concat, DatasetError, FileList, ImageSource, Relabel
 from oodscope.io.datasets import open_dataset as _open_path
 
-__all__ = ["resolve_images"]
+__all__ = ["describe_source", "resolve_images"]
 
 
 def resolve_images(spec: Any, *, missing_ok: bool = False) -> ImageSource:
@@ -96,3 +96,21 @@ def _many(items: list[Any], missing_ok: bool) -> ImageSource:
             sources.append(Relabel(named, None))
     flush()
     return sources[0] if len(sources) == 1 else Concat(sources)
+
+
+def describe_source(data: Any) -> str:
+    """Where data came from, in words (a path, a list of paths, or the data set a subset selects from)."""
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    if hasattr(data, "embedding") and hasattr(data, "available"):  # precomputed Features
+        return "features"
+    if isinstance(data, Sequence) and not isinstance(data, str):
+        return ", ".join(map(str, data))
+    inner = data
+    while getattr(inner, "root", None) is None and getattr(inner, "name", None) is None \
+            and getattr(inner, "source", None) is not None:
+        inner = inner.source  # Subset / Relabel: name the data set they select from
+    base = getattr(inner, "root", None) or getattr(inner, "name", None)
+    if base is None:
+        return f"{len(data)} images" if hasattr(data, "__len__") else type(data).__name__
+    return str(base) if inner is data else f"{len(data)} items of {base}"

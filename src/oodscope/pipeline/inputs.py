@@ -9,7 +9,6 @@ they are, identified by ``ids`` or by a hash of each embedding row.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 
 from oodscope.backbones.base import Features
 from oodscope.calibration.split import feature_row_digests, item_digests
-from oodscope.io import ImageSource, resolve_images
+from oodscope.io import ImageSource, describe_source, resolve_images
 
 
 class OODModelError(ValueError):
@@ -64,24 +63,6 @@ def as_image_source(images: Any, *, missing_ok: bool = False) -> ImageSource:
         return resolve_images(images, missing_ok=missing_ok)
     except (FileNotFoundError, ValueError) as err:
         raise OODModelError(str(err)) from None
-
-
-def describe_source(data: Any) -> str:
-    """Where data came from, in words (a path, a list of paths, or the data set a subset selects from)."""
-    if isinstance(data, (str, os.PathLike)):
-        return str(data)
-    if isinstance(data, Features):
-        return "features"
-    if isinstance(data, Sequence) and not isinstance(data, str):
-        return ", ".join(map(str, data))
-    inner = data
-    while getattr(inner, "root", None) is None and getattr(inner, "name", None) is None \
-            and getattr(inner, "source", None) is not None:
-        inner = inner.source  # Subset / Relabel: name the data set they select from
-    base = getattr(inner, "root", None) or getattr(inner, "name", None)
-    if base is None:
-        return f"{len(data)} images" if hasattr(data, "__len__") else type(data).__name__
-    return str(base) if inner is data else f"{len(data)} items of {base}"
 
 
 def from_features(

@@ -107,6 +107,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"oodscope bench: {err}", file=sys.stderr)
         return 2
     out = Path(cfg.output)
+    if cfg.report:
+        from oodscope.reports import render_report
+
+        try:
+            render_report(out, out / "report.html")
+        except Exception as err:  # noqa: BLE001 - the numbers are written; a report problem must not lose them
+            print(f"oodscope bench: report.html not written: {type(err).__name__}: {err}", file=sys.stderr)
     print((out / "results.md").read_text(encoding="utf-8"))
     print(f"results in {out}" + (f" (report: {out / 'report.html'})" if (out / "report.html").is_file() else ""))
     return EXIT_SOME_FAILED if result.failures else 0

@@ -46,21 +46,16 @@ def extract_features(
 ) -> tuple[Features, np.ndarray | None, int]:
     """Features of an image source: (features of the images that loaded, their labels, failures).
 
-    A ConSE backbone is run as its classifier and converted with ``from_classifier_features``, so
-    the classifier's feature cache (e.g. the benchmarks' EfficientNet-Lite features) is reused.
+    A derived backbone (ConSE) is run as its classifier by the extraction, so the classifier's feature
+    cache (e.g. the benchmarks' EfficientNet-Lite features) is reused.
     """
     from oodscope.features.extract import extract
 
-    derived = callable(getattr(backbone, "from_classifier_features", None)) and hasattr(backbone, "classifier")
-    runner = backbone.classifier if derived else backbone
-    result = extract(runner, source, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
+    result = extract(backbone, source, cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers,
                      progress=progress, description=description)
     if not len(result.indices):
         raise ValueError(f"{description}: no image could be read ({len(result.failures)} failures)")
-    features = result.features
-    if derived:
-        features = backbone.from_classifier_features(features)
-    return features, result.labels, len(result.failures)
+    return result.features, result.labels, len(result.failures)
 
 
 def as_data(backbone: Any, data: Any, description: str, options: dict[str, Any]) -> ExtractedData:
@@ -91,7 +86,8 @@ def check_ood_names(ood_data: Mapping[str, Any]) -> None:
 
 
 def is_stateful(detector: Any) -> bool:
-    return callable(getattr(detector, "reset", None))
+    """Test-time adaptive: its scores depend on the stream it has seen (declared by its kind)."""
+    return detector.fit_needs().adaptive
 
 
 def pair_metrics(detector: Any, id_f: Features, ood_f: Features, id_scores: np.ndarray | None,

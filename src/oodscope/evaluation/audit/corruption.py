@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from oodscope.backbones.base import Features
+from oodscope.detectors.fitting import fit_detector
 from oodscope.evaluation.audit._common import (
     MEAN_KEY,
     AuditRecord,
@@ -35,7 +36,8 @@ DetectorSpec = Any  # "name" | ("name", {params}) | {"name": ..., **params} | an
 
 
 def _make_detector(spec: DetectorSpec, classes: Sequence[str] | None):
-    from oodscope.detectors import Detector, create, registered
+    from oodscope.detectors import Detector
+    from oodscope.detectors.fitting import build_detector
 
     if isinstance(spec, Detector):
         detector = spec
@@ -49,15 +51,8 @@ def _make_detector(spec: DetectorSpec, classes: Sequence[str] | None):
             name = params.pop("name")
         else:
             raise TypeError(f"a detector spec is a name, (name, params), a dict or a Detector; got {spec!r}")
-        cls = registered().get(name)
-        if cls is None:
-            create(name)  # raises with the list of names
-        if getattr(cls, "needs_text_encoder", False) and "classes" not in params:
-            if classes is None:
-                raise ValueError(f"{name}: zero-shot detectors need the ID class names (classes=...)")
-            params["classes"] = list(classes)
-        detector = create(name, **params)
-    if "model" in type(detector).requires:
+        detector = build_detector(name, params, classes)
+    if detector.fit_needs().model:
         raise ValueError(f"{detector.name} needs the model in the loop; the corruption audit scores cached features")
     return detector
 
@@ -217,21 +212,18 @@ def corruption_robustness(
     encoder = text_encoder if text_encoder is not None else backbone
     for name, spec in detectors.items():
         det = _make_detector(spec, classes)
-        if getattr(type(det), "needs_text_encoder", False):
-            det.fit(text_encoder=encoder)
-        elif det.needs_fit or det.needs_labels or id_fit is not None:
+        needs = det.fit_needs()
+        if needs.features:
             if id_fit is None:
                 raise ValueError(f"{name} learns from ID data: pass id_fit (clean in-distribution images or features)")
             if fit_data is None:
                 fit_data = features_of(id_fit, "ID fit") if is_source(id_fit) else ExtractedData(id_fit, None, None, 0)
                 if id_fit_labels is not None:
                     fit_data.labels = np.asarray(id_fit_labels, dtype=np.int64)
-            if det.needs_labels and fit_data.labels is None:
+            if needs.labels and fit_data.labels is None:
                 raise ValueError(f"{name} needs the labels of the ID fit data (id_fit_labels=...)")
-            det.fit(fit_data.features, fit_data.labels)
-        else:
-            # Nothing is learned (needs_fit is False): fit only marks the detector ready.
-            det.fit(clean_id.features)
+        fit_detector(det, fit_data.features if needs.features else None,
+                     fit_data.labels if needs.labels else None, text_encoder=encoder)
         fitted[name] = det
         specs[name] = {"name": det.name, "params": jsonable(det.get_params())}
 

@@ -346,12 +346,13 @@ def prompt_sensitivity(
     from tqdm.auto import tqdm
 
     from oodscope.detectors import create, registered
+    from oodscope.detectors.fitting import class_needs
 
     started = time.perf_counter()
     registry = registered()
     if method not in registry:
         raise ValueError(f"unknown detector {method!r}")
-    if not getattr(registry[method], "needs_text_encoder", False):
+    if not class_needs(registry[method]).text_encoder:
         raise ValueError(f"{method!r} is not a zero-shot detector: the prompt audit needs one (e.g. mcm)")
     encoder = text_encoder if text_encoder is not None else backbone
     if not callable(getattr(encoder, "encode_texts", None)):

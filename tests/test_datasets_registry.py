@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oodscope.evaluation import datasets as reg
-from oodscope.evaluation.datasets import (
+from oodscope.io import registry as reg
+from oodscope.io.registry import (
     BENCHMARKS,
     ChecksumMismatch,
     DatasetNotAvailable,
@@ -32,6 +32,9 @@ from oodscope.evaluation.datasets import (
     get_dataset,
     list_datasets,
 )
+from oodscope.io.registry.catalog_offline import _fashion_file
+from oodscope.io.registry.loaders import _folder
+from oodscope.io.registry.specs import _REGISTRY
 
 HEX = {"sha256": re.compile(r"^[0-9a-f]{64}$"), "md5": re.compile(r"^[0-9a-f]{32}$")}
 
@@ -88,7 +91,7 @@ def test_offline_sets_load_with_their_documented_counts():
 
 def test_checksums_of_the_installed_fashion_mnist_files_verify():
     spec = reg.get_spec("fashion-mnist/test")
-    if any(reg._fashion_file(c.path) is None for c in spec.checksums):
+    if any(_fashion_file(c.path) is None for c in spec.checksums):
         pytest.skip("Fashion-MNIST files are not installed")
     report = check_dataset("fashion-mnist/test")
     assert report.ok, str(report)
@@ -157,7 +160,7 @@ def test_checksum_and_count_verification_of_a_placed_copy(tmp_path):
         gone = check_dataset("test/placed", tmp_path)
         assert not gone.ok and any("missing file" in p for p in gone.problems)
     finally:
-        reg._REGISTRY.pop("test/placed", None)
+        _REGISTRY.pop("test/placed", None)
 
 
 def test_mvtec_and_visa_layouts(tmp_path):
@@ -314,7 +317,7 @@ def test_download_dataset_unpacks_and_checks(server, tmp_path):
     server.files["/stuff.tar.gz"] = buf.getvalue()
     digest = hashlib.sha256(buf.getvalue()).hexdigest()
     spec = DatasetSpec(name="test/download", description="t", source="t", licence="t",
-                       loader=reg._folder("stuff"), expected_files=3, count_source="test",
+                       loader=_folder("stuff"), expected_files=3, count_source="test",
                        checksums=(FileChecksum("stuff.tar.gz", "sha256", digest, "test", required=False),),
                        checksum_source="test", urls={"stuff.tar.gz": _url(server, "/stuff.tar.gz")}, extract=True,
                        how_to_place="test", folder="t")
@@ -326,7 +329,7 @@ def test_download_dataset_unpacks_and_checks(server, tmp_path):
         download_dataset("test/download", tmp_path, progress=False)
         assert len(server.requests) == 1  # already unpacked: nothing fetched again
     finally:
-        reg._REGISTRY.pop("test/download", None)
+        _REGISTRY.pop("test/download", None)
 
 
 def test_extract_refuses_members_outside_the_folder(tmp_path):
@@ -374,7 +377,7 @@ def test_cli_check_reports_problems_and_download_fetches(server, tmp_path, capsy
             info.size = len(img.getvalue())
             tf.addfile(info, io.BytesIO(img.getvalue()))
     server.files["/stuff.tar"] = buf.getvalue()
-    spec = DatasetSpec(name="test/cli", description="t", source="t", licence="t", loader=reg._folder("stuff"),
+    spec = DatasetSpec(name="test/cli", description="t", source="t", licence="t", loader=_folder("stuff"),
                        expected_files=2, count_source="test",
                        checksums=(FileChecksum("stuff.tar", "sha256", hashlib.sha256(buf.getvalue()).hexdigest(),
                                                "test", required=False),),
@@ -388,4 +391,4 @@ def test_cli_check_reports_problems_and_download_fetches(server, tmp_path, capsy
         assert main(["datasets", "download", "mvtec-ad", "--root", str(tmp_path / "m"), "--quiet"]) == 2
         assert "no plain-HTTP download" in capsys.readouterr().err  # a form on mvtec.com: by hand only
     finally:
-        reg._REGISTRY.pop("test/cli", None)
+        _REGISTRY.pop("test/cli", None)

@@ -5,7 +5,7 @@ extracted once) and report the AUROC / FPR@95 spread across phrasings. ``corrupt
 and/or OOD images (ImageNet-C style, severities 0-5) and report each detector's AUROC by severity.
 Both write ``audit.json``, CSV tables and a PNG plot into ``-o DIR`` and print a summary table.
 DATA is what ``oodscope extract`` takes, a registered data-set name (``fashion-mnist-ood/id``,
-``fashion-mnist-ood/near``, ``digits``, ``textiles``, ...; see :mod:`oodscope.evaluation.datasets`), or
+``fashion-mnist-ood/near``, ``digits``, ``textiles``, ...; see :mod:`oodscope.io.registry`), or
 ``fashion-mnist-ood:id`` / ``fashion-mnist-ood:near`` (``…:id:train`` for training images).
 """
 
@@ -80,7 +80,7 @@ def _common_options(parser: argparse.ArgumentParser, default_backbone: str) -> N
 
 def resolve_data(spec: str):
     """A dataset from ``oodscope extract``'s DATA syntax, a registered data-set name
-    (:mod:`oodscope.evaluation.datasets`, e.g. ``fashion-mnist-ood/id``), or
+    (:mod:`oodscope.io.registry`, e.g. ``fashion-mnist-ood/id``), or
     ``fashion-mnist-ood:id|near[:train|test]``."""
     from oodscope.cli.commands.extract import resolve_source
 
@@ -96,7 +96,7 @@ def resolve_data(spec: str):
             data = fashion_mnist_ood(split)
             return data.id if part == "id" else data.near_ood
         try:
-            from oodscope.evaluation import datasets
+            from oodscope.io import registry as datasets
         except ImportError:
             datasets = None
         if datasets is not None and spec in {d.name for d in datasets.list_datasets()}:

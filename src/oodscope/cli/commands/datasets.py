@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 
 def print_listing(tag: str | None = None) -> None:
-    from oodscope.evaluation.datasets import data_root, list_benchmarks, list_datasets
+    from oodscope.io.registry import data_root, list_benchmarks, list_datasets
 
     print("benchmarks (oodscope bench --benchmark NAME):")
     for b in list_benchmarks():
@@ -52,7 +52,7 @@ def print_listing(tag: str | None = None) -> None:
 
 
 def _info(name: str, as_json: bool) -> None:
-    from oodscope.evaluation.datasets import get_spec
+    from oodscope.io.registry import get_spec
 
     spec = get_spec(name)
     data = spec.info() | {"root": None if spec.root() is None else str(spec.root())}
@@ -76,7 +76,7 @@ def _info(name: str, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oodscope.evaluation.datasets import DownloadError, check_dataset, download_dataset
+    from oodscope.io.registry import DownloadError, check_dataset, download_dataset
 
     try:
         if args.action in (None, "list"):

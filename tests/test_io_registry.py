@@ -14,9 +14,9 @@ import oodscope.io
 from oodscope.io import TEXTILE_CLASSES, DatasetError, registry, resolve_images
 
 IO_DIR = Path(oodscope.io.__file__).resolve().parent
-# Layers import downward only: io -> backbones -> features -> detectors -> calibration -> pipeline
+# Layers import downward only: io -> backbones -> features -> text -> detectors -> calibration -> pipeline
 # -> evaluation / reports -> cli. io is the bottom one.
-ABOVE_IO = ("backbones", "features", "detectors", "calibration", "pipeline", "evaluation", "reports", "cli")
+ABOVE_IO = ("backbones", "features", "text", "detectors", "calibration", "pipeline", "evaluation", "reports", "cli")
 
 try:
     import conformal_clip_data  # noqa: F401

@@ -30,7 +30,6 @@ import torch
 from oodscope.detectors._zeroshot import PromptDetector
 from oodscope.detectors.base import Detector, DetectorError, create
 from oodscope.detectors.kinds import DetectorKind
-from oodscope.text.prompts import TextEmbeddingCache
 
 #: Output detectors that can turn the ensembled logits into a score.
 LOGIT_SCORES = ("msp", "energy", "gen")
@@ -74,27 +73,19 @@ class FewShotPromptDetector(PromptDetector):
     kind: ClassVar[DetectorKind] = DetectorKind.FEW_SHOT
     needs_labels: ClassVar[bool] = True
 
-    def _fit_from(
-        self,
-        inputs: dict[str, torch.Tensor] | None,
-        labels: torch.Tensor | None,
-        *,
-        text_encoder: Any = None,
-        cache: TextEmbeddingCache | None = None,
-        **options: Any,
-    ) -> None:
-        """Encode the class prompts with ``text_encoder``, then learn from the labelled ID features."""
+    def _check_labels(self, labels: torch.Tensor | None) -> None:
         k = len(self.classes)
         if len(labels) == 0:
             raise DetectorError(f"{self.name}: fit needs at least one labelled image")
         if int(labels.min()) < 0 or int(labels.max()) >= k:
             raise DetectorError(f"{self.name}: labels must lie in [0, {k}) (one index per entry of classes)")
-        super()._fit_from(None, None, text_encoder=text_encoder, cache=cache, **options)
-        self._check_dim(inputs["embedding"])
-        self._fit_images(inputs, labels.cpu())
+
+    def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        self._learn(inputs, labels.cpu())
         self.fit_info_["num_fit"] = int(len(labels))
 
-    def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:  # pragma: no cover
+    def _learn(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:  # pragma: no cover
+        """The method's own step: learn from the labelled ID embeddings (the text side is encoded)."""
         raise NotImplementedError
 
     def _zero_shot_logits(self, x: torch.Tensor, logit_scale: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ Image embeddings are L2-normalized again inside, so scores do not depend on thei
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,13 +36,31 @@ class PromptDetector(Detector):
     score_batch_size: ClassVar[int] = 4096
 
     # ----------------------------------------------------------------- parameters
-    def _set_text_params(
-        self,
-        classes: Sequence[str],
-        templates: str | Sequence[str] | None,
-        custom_prompts: Mapping[str, Sequence[str]] | None,
-        descriptions: Mapping[str, Sequence[str]] | None,
-    ) -> None:
+    #: ``templates`` default of the method (its paper's / official code's prompt set).
+    default_templates: ClassVar[str | None] = "simple"
+
+    @classmethod
+    def inherited_parameters(cls) -> dict[str, Any]:
+        return cls.prompt_parameters()
+
+    @classmethod
+    def prompt_parameters(cls) -> dict[str, Any]:
+        """The prompt options every method built from class names takes (declared here once):
+
+        ``templates`` — a named template set (``"simple"``: "a photo of a {}.", ``"ensemble"``: the
+        CLIP ImageNet ensemble, ...) or a list of templates with ``{}``; ``custom_prompts`` — class
+        name -> its own prompts (replacing the templates for that class); ``descriptions`` — class
+        name -> descriptions appended to its prompts (see :mod:`oodscope.text.prompts`).
+        """
+        return {"templates": cls.default_templates, "custom_prompts": None, "descriptions": None}
+
+    def _set_text_params(self, classes: Sequence[str], **prompt_options: Any) -> None:
+        options = self.prompt_parameters() | prompt_options
+        unknown = sorted(set(options) - set(self.prompt_parameters()))
+        if unknown:
+            raise DetectorError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}")
+        templates, custom_prompts, descriptions = options["templates"], options["custom_prompts"], \
+            options["descriptions"]
         if isinstance(classes, str) or not isinstance(classes, Sequence):
             raise DetectorError(f"{self.name}: classes must be a list of class names")
         self.classes = list(classes)
@@ -64,13 +82,22 @@ class PromptDetector(Detector):
         cache: TextEmbeddingCache | None = None,
         **options: Any,
     ) -> None:
-        """Encode the text side with ``text_encoder``; ID features, if given, are only checked for their dimension."""
+        """Encode the text side with ``text_encoder``, then :meth:`_fit_images` (zero-shot: ID features,
+        if given, are only checked for their dimension)."""
+        self._check_labels(labels)
         self._fit_text(text_encoder, cache, **options)
         text = self.state_["class_text"]
         self.fit_info_["text_dim"] = int(text.shape[1])
         self.fit_info_["text_encoder"] = encoder_key(text_encoder) or type(text_encoder).__name__
         if inputs is not None:
             self._check_dim(inputs["embedding"])
+            self._fit_images(inputs, labels)
+
+    def _check_labels(self, labels: torch.Tensor | None) -> None:
+        """Checks made before any text is encoded (few-shot methods: the label range)."""
+
+    def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
+        """What is learned from ID features after the text side (zero-shot: nothing)."""
 
     def _fit_text(self, encoder: Any, cache: TextEmbeddingCache | None) -> None:
         self.state_["class_text"] = self._encode_classes(encoder, cache)

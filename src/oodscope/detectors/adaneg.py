@@ -27,13 +27,13 @@ of ``state_``, so a saved detector resumes the stream where it was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from oodscope.detectors._zeroshot import grouped_id_mass, softmax_entropy
-from oodscope.detectors.base import DetectorError, register
+from oodscope.detectors.base import DetectorError, parameters, register
 from oodscope.detectors.kinds import DetectorKind
 from oodscope.detectors.neglabel import NegLabel
 
@@ -45,22 +45,16 @@ class AdaNeg(NegLabel):
     name = "adaneg"
     kind = DetectorKind.TEST_TIME
 
+    @classmethod
+    def inherited_parameters(cls) -> dict[str, Any]:
+        """NegLabel's parameters (prompts, corpus, mining), taken as they are; ``ngroups`` is AdaNeg's own
+        (5 in its official code, 100 in NegLabel's)."""
+        return {k: v for k, v in parameters(NegLabel).items() if k != "classes"}
+
     def __init__(
         self,
         classes: Sequence[str],
-        templates: str | Sequence[str] | None = "simple",
-        custom_prompts: Mapping[str, Sequence[str]] | None = None,
-        descriptions: Mapping[str, Sequence[str]] | None = None,
-        num_negatives: int = 10000,
-        eta: float = 0.05,
         ngroups: int = 5,
-        temperature: float = 0.01,
-        seed: int = 0,
-        noun_template: str = "a photo of a {}.",
-        adjective_template: str = "a {} photo.",
-        corpus: str = "wordnet",
-        corpus_options: Mapping[str, Any] | None = None,
-        negatives: str | Sequence[str] | None = None,
         memory_size: int = 10,
         threshold: float = 0.5,
         gap: float = 0.5,
@@ -68,11 +62,9 @@ class AdaNeg(NegLabel):
         sample_adaptive: bool = False,
         beta: float = 5.5,
         batch_size: int = 256,
+        **neglabel_options: Any,
     ) -> None:
-        super().__init__(
-            classes, templates, custom_prompts, descriptions, num_negatives, eta, ngroups, temperature, seed,
-            noun_template, adjective_template, corpus, corpus_options, negatives,
-        )
+        super().__init__(classes, ngroups=ngroups, **neglabel_options)
         if memory_size < 1:
             raise DetectorError("adaneg: memory_size must be >= 1")
         if not 0.0 <= threshold <= 1.0 or not 0.0 <= gap <= 1.0:

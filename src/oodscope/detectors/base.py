@@ -79,12 +79,13 @@ class Detector:
     # ----------------------------------------------------------------- parameters
     def get_params(self) -> dict[str, Any]:
         """The constructor's keyword arguments as they were given (JSON-able)."""
-        signature = inspect.signature(type(self).__init__)
-        return {
-            name: getattr(self, name)
-            for name, p in signature.parameters.items()
-            if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
+        return {name: getattr(self, name) for name in parameters(type(self))}
+
+    @classmethod
+    def inherited_parameters(cls) -> dict[str, Any]:
+        """Parameters a class takes through ``**options`` and that a base class declares once
+        (name -> default); e.g. the prompt options every zero-shot detector shares."""
+        return {}
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -333,13 +334,17 @@ def create(name: str, **params: Any) -> Detector:
 
 
 def parameters(cls: type[Detector]) -> dict[str, Any]:
-    """A detector class's parameters: name -> default (``inspect.Parameter.empty`` when required)."""
+    """A detector class's parameters: name -> default (``inspect.Parameter.empty`` when required).
+
+    Those of its ``__init__`` signature, then those it takes through ``**options`` as declared by
+    :meth:`Detector.inherited_parameters`."""
     signature = inspect.signature(cls.__init__)
-    return {
+    own = {
         name: p.default
         for name, p in signature.parameters.items()
         if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
+    return own | {k: v for k, v in cls.inherited_parameters().items() if k not in own}
 
 
 def check_params(cls: type[Detector], params: dict[str, Any], *, partial: bool = False) -> None:

@@ -20,7 +20,7 @@ the "no" side is :class:`oodscope.backbones.clipn_text.CLIPNNoTextEncoder`, give
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,20 +34,19 @@ from oodscope.text.prompts import TextEmbeddingCache, class_text_embeddings
 @register
 class CLIPN(PromptDetector):
     name = "clipn"
+    default_templates = "ensemble"
     fit_options = ("no_text_encoder",)
 
     def __init__(
         self,
         classes: Sequence[str],
-        templates: str | Sequence[str] | None = "ensemble",
-        custom_prompts: Mapping[str, Sequence[str]] | None = None,
-        descriptions: Mapping[str, Sequence[str]] | None = None,
         mode: str = "atd",
         temperature: float = 0.01,
         no_encoder: str | None = None,
+        **prompt_options: Any,
     ) -> None:
         super().__init__()
-        self._set_text_params(classes, templates, custom_prompts, descriptions)
+        self._set_text_params(classes, **prompt_options)
         if mode not in ("atd", "ctw"):
             raise DetectorError(f"clipn: mode must be 'atd' or 'ctw', got {mode!r}")
         if not temperature > 0:

@@ -31,7 +31,8 @@ regressions (``C=1``, see ``linear_probe``) on L2-normalized features of the fit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -51,17 +52,15 @@ class COOkeD(FewShotPromptDetector):
     def __init__(
         self,
         classes: Sequence[str],
-        templates: str | Sequence[str] | None = "simple",
-        custom_prompts: Mapping[str, Sequence[str]] | None = None,
-        descriptions: Mapping[str, Sequence[str]] | None = None,
         closed_world: str = "probe",
         logit_scale: float = 100.0,
         C: float = 1.0,
         max_iter: int = 1000,
         scoring: str = "msp",
+        **prompt_options: Any,
     ) -> None:
         super().__init__()
-        self._set_text_params(classes, templates, custom_prompts, descriptions)
+        self._set_text_params(classes, **prompt_options)
         if closed_world not in CLOSED_WORLD:
             raise DetectorError(f"cooked: closed_world must be one of {list(CLOSED_WORLD)}, got {closed_world!r}")
         if scoring not in SCORINGS:
@@ -78,7 +77,7 @@ class COOkeD(FewShotPromptDetector):
         # The closed-world member decides which second field is read.
         return ("embedding", "penultimate" if self.closed_world == "probe" else "logits")
 
-    def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+    def _learn(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         k = len(self.classes)
         w, b = fit_linear_probe(inputs["embedding"], labels, C=self.C, max_iter=self.max_iter, num_classes=k)
         self.state_["vlm_probe_weight"], self.state_["vlm_probe_bias"] = torch.from_numpy(w), torch.from_numpy(b)

@@ -15,7 +15,7 @@ joint softmax.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,15 +34,13 @@ class EOE(PromptDetector):
         self,
         classes: Sequence[str],
         outlier_classes: Sequence[str],
-        templates: str | Sequence[str] | None = "simple",
-        custom_prompts: Mapping[str, Sequence[str]] | None = None,
-        descriptions: Mapping[str, Sequence[str]] | None = None,
         beta: float = 0.25,
         temperature: float = 1.0,
         exclude_overlapping: bool = False,
+        **prompt_options: Any,
     ) -> None:
         super().__init__()
-        self._set_text_params(classes, templates, custom_prompts, descriptions)
+        self._set_text_params(classes, **prompt_options)
         if isinstance(outlier_classes, str) or not isinstance(outlier_classes, Sequence):
             raise DetectorError("eoe: outlier_classes must be a list of class names")
         if not temperature > 0:

@@ -11,7 +11,8 @@ temperature to both softmaxes), one prompt "a photo of a {}" per class. With lam
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -27,15 +28,13 @@ class GLMCM(PromptDetector):
     def __init__(
         self,
         classes: Sequence[str],
-        templates: str | Sequence[str] | None = "simple",
-        custom_prompts: Mapping[str, Sequence[str]] | None = None,
-        descriptions: Mapping[str, Sequence[str]] | None = None,
         local_weight: float = 1.0,
         temperature: float = 1.0,
         local_temperature: float = 1.0,
+        **prompt_options: Any,
     ) -> None:
         super().__init__()
-        self._set_text_params(classes, templates, custom_prompts, descriptions)
+        self._set_text_params(classes, **prompt_options)
         if not (temperature > 0 and local_temperature > 0):
             raise DetectorError("glmcm: temperatures must be > 0")
         if local_weight < 0:

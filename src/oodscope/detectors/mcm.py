@@ -10,7 +10,8 @@ Defaults (paper and official code, deeplearning-wisc/MCM): T = 1 on raw cosines;
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,13 +26,11 @@ class MCM(PromptDetector):
     def __init__(
         self,
         classes: Sequence[str],
-        templates: str | Sequence[str] | None = "simple",
-        custom_prompts: Mapping[str, Sequence[str]] | None = None,
-        descriptions: Mapping[str, Sequence[str]] | None = None,
         temperature: float = 1.0,
+        **prompt_options: Any,
     ) -> None:
         super().__init__()
-        self._set_text_params(classes, templates, custom_prompts, descriptions)
+        self._set_text_params(classes, **prompt_options)
         if not temperature > 0:
             raise DetectorError("mcm: temperature must be > 0")
         self.temperature = temperature

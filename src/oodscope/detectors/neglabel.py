@@ -42,9 +42,6 @@ class NegLabel(PromptDetector):
     def __init__(
         self,
         classes: Sequence[str],
-        templates: str | Sequence[str] | None = "simple",
-        custom_prompts: Mapping[str, Sequence[str]] | None = None,
-        descriptions: Mapping[str, Sequence[str]] | None = None,
         num_negatives: int = 10000,
         eta: float = 0.05,
         ngroups: int = 100,
@@ -55,9 +52,10 @@ class NegLabel(PromptDetector):
         corpus: str = "wordnet",
         corpus_options: Mapping[str, Any] | None = None,
         negatives: str | Sequence[str] | None = None,
+        **prompt_options: Any,
     ) -> None:
         super().__init__()
-        self._set_text_params(classes, templates, custom_prompts, descriptions)
+        self._set_text_params(classes, **prompt_options)
         if num_negatives < 0:
             raise DetectorError(f"{self.name}: num_negatives must be >= 0")
         if not 0.0 <= eta <= 1.0:

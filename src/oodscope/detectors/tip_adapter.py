@@ -18,7 +18,7 @@ the keys as given. With ``alpha=0`` this is the zero-shot classifier (MCM with T
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,23 +35,21 @@ class TipAdapter(FewShotPromptDetector):
     def __init__(
         self,
         classes: Sequence[str],
-        templates: str | Sequence[str] | None = "simple",
-        custom_prompts: Mapping[str, Sequence[str]] | None = None,
-        descriptions: Mapping[str, Sequence[str]] | None = None,
         alpha: float = 1.0,
         beta: float = 5.5,
         logit_scale: float = 100.0,
         scoring: str = "msp",
         scoring_params: dict[str, Any] | None = None,
+        **prompt_options: Any,
     ) -> None:
         super().__init__()
-        self._set_text_params(classes, templates, custom_prompts, descriptions)
+        self._set_text_params(classes, **prompt_options)
         self.alpha = check_positive(alpha, "alpha", self.name, allow_zero=True)
         self.beta = check_positive(beta, "beta", self.name, allow_zero=True)
         self.logit_scale = check_positive(logit_scale, "logit_scale", self.name)
         set_logit_scoring(self, scoring, scoring_params)
 
-    def _fit_images(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+    def _learn(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         keys = torch.nn.functional.normalize(inputs["embedding"].to(torch.float32), dim=-1)
         self.state_["cache_keys"] = keys
         self.state_["cache_labels"] = labels.to(device=keys.device, dtype=torch.int64)

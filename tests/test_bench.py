@@ -360,7 +360,7 @@ def test_fit_time_cautions_reach_the_results_note(data, tmp_path):
 
     with pytest.warns(FitWarning, match="covariance is singular") as caught:
         result = run_benchmark(config(data, [clf], ["mahalanobis", "msp"], tmp_path, fit_limit=10))
-    assert caught[0].filename.endswith("bench.py")  # points at the caller of fit(), not at detector internals
+    assert caught[0].filename.endswith("bench_run.py")  # points at the caller of fit(), not at detector internals
     notes = {r["detector"]: r["note"] for r in result.rows}
     assert "covariance is singular" in notes["mahalanobis"] and notes["msp"] == ""
     assert "covariance is singular" in (tmp_path / "results.md").read_text()

@@ -233,3 +233,43 @@ def load_head(directory: str | os.PathLike) -> ClassHead:
     if kind == LogitsHead.kind:
         return LogitsHead(names)
     raise ValueError(f"{directory}: unknown head kind {kind!r}")
+
+
+def fit_head(head: str | None, features: Features, labels: np.ndarray | None, names: list[str] | None,
+             backbone: Any, head_params: dict[str, Any]) -> tuple[ClassHead | None, list[str] | None, bool]:
+    """The class head a model asks for, fitted on its ID fit data: ``(head, class names, scale_from_features)``.
+
+    ``auto``: a linear probe when the data have labels of at least 2 classes, else none;
+    ``linear_probe`` / ``logits`` (the backbone's own classes when the data name none) / ``zeroshot``
+    (prompt embeddings of the class names). ``scale_from_features``: the zero-shot head takes the
+    backbone's own logit scale from the calibration features (unless ``head_params`` sets one).
+    """
+    from oodscope.pipeline.inputs import OODModelError
+
+    has_labels = labels is not None and names is not None and len(np.unique(labels[labels >= 0])) >= 2
+    if head == "auto" and has_labels or head == "linear_probe":
+        if not has_labels:
+            raise OODModelError("a linear-probe head needs labelled ID images of at least 2 classes")
+        C = head_params.get("C")
+        return LinearProbeHead.fit(features, labels, names, **({"C": C} if C is not None else {})), names, False
+    if head == "logits":
+        if names is None:
+            names = list(getattr(backbone, "class_names", None) or [])
+        return LogitsHead(names), names, False
+    if head == "zeroshot":
+        if names is None:
+            raise OODModelError("a zero-shot head needs the ID class names")
+        return zero_shot_head(backbone, names, head_params), names, "logit_scale" not in head_params
+    return None, names, False
+
+
+def zero_shot_head(backbone: Any, names: list[str], head_params: dict[str, Any],
+                   class_text: np.ndarray | None = None) -> ZeroShotHead:
+    """Cosine to the class prompts (``class_text``, default: the simple prompt of each name) times a logit scale."""
+    if class_text is None:
+        from oodscope.text.prompts import class_text_embeddings
+
+        class_text = class_text_embeddings(backbone, names, "simple")
+    return ZeroShotHead(class_text, names, head_params.get("logit_scale")
+                        or ZeroShotHead.scale_for(None, getattr(backbone, "id", None)))
+

@@ -9,7 +9,7 @@ they are, identified by ``ids`` or by a hash of each embedding row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,3 +129,30 @@ def unmatched_names(names: list[str] | None, classes: list[str] | None) -> tuple
     class_keys = set().union(*(keys(c) for c in classes))
     name_keys = set().union(*(keys(n) for n in names))
     return ([n for n in names if not keys(n) & class_keys], [c for c in classes if not keys(c) & name_keys])
+
+
+def feature_chunks(features: Features, chunk_size: int, item_ids: Sequence[str] | None = None) -> Iterator[ModelData]:
+    """Precomputed features as model data, ``chunk_size`` rows at a time (ids ``"0".."N-1"`` by default)."""
+    n = len(features)
+    ids = [str(i) for i in range(n)] if item_ids is None else list(item_ids)
+    if len(ids) != n:
+        raise OODModelError(f"item_ids has {len(ids)} entries for {n} feature rows")
+    data = from_features(features)
+    data.item_ids = ids
+    for start in range(0, n, chunk_size):
+        part = data.subset(np.arange(start, min(start + chunk_size, n)))
+        part.indices = np.arange(len(part.indices))  # positions within the chunk
+        yield part
+
+
+def image_chunks(source: ImageSource, chunk_size: int, progress: bool) -> Iterator[ImageSource]:
+    """Consecutive sub-sources of ``chunk_size`` images, with one progress bar over all of them."""
+    from tqdm.auto import tqdm
+
+    from oodscope.io import Subset
+
+    with tqdm(total=len(source), unit="img", desc="score", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(source), chunk_size):
+            yield Subset(source, np.arange(start, min(start + chunk_size, len(source))))
+            bar.update(min(chunk_size, len(source) - start))
+

@@ -41,33 +41,29 @@ from oodscope.calibration import (
     ConformalPValues,
     PredictionSetCalibrator,
     Threshold,
-    check_disjoint,
-    fit_threshold,
-    min_calibration_size,
 )
-from oodscope.calibration.split import content_uniforms, split_calibration
-from oodscope.detectors import DetectorError, registered
-from oodscope.detectors.base import check_params
-from oodscope.detectors.fitting import build_detector, class_needs, fit_detector
+from oodscope.calibration.split import split_calibration
+from oodscope.detectors.fitting import class_needs
 from oodscope.detectors.kinds import DetectorKind
 from oodscope.pipeline import persistence
-from oodscope.pipeline.heads import ClassHead, LinearProbeHead, LogitsHead, ZeroShotHead
+from oodscope.pipeline.decisions import calibrate_on, predict_chunk, unmatched_notes
+from oodscope.pipeline.fitting import check_settings, fit_class_names, fit_features
+from oodscope.pipeline.heads import ClassHead
 from oodscope.pipeline.inputs import (
     ModelData,
     OODModelError,
     as_image_source,
     describe_source,
+    feature_chunks,
     from_features,
     from_images,
+    image_chunks,
     map_labels,
-    unmatched_names,
 )
 from oodscope.pipeline.predictions import Predictions
 
 DEFAULT_CALIBRATION_FRACTION = 0.3
 DEFAULT_CHUNK_SIZE = 256
-SET_METHODS = ("aps", "raps", "lac")
-HEADS = ("auto", "zeroshot", "linear_probe", "logits")
 
 
 class OODModel:
@@ -109,34 +105,10 @@ class OODModel:
         num_workers: int | None = None,
         progress: bool = True,
     ) -> None:
-        detectors = registered()
-        if method not in detectors:
-            raise OODModelError(f"unknown method {method!r}; registered: {', '.join(detectors)}")
-        cls = detectors[method]
-        needs = class_needs(cls)
-        if needs.model:
-            raise OODModelError(
-                f"{method} runs the network itself (gradients) and cannot score cached features; OODModel "
-                "supports feature-based detectors only"
-            )
-        if needs.adaptive:
-            raise OODModelError(
-                f"{method} adapts to the test stream (its scores depend on the images scored before), so "
-                "conformal calibration does not apply to it"
-            )
-        if not 0.0 < alpha < 1.0:
-            raise OODModelError(f"alpha must be in (0, 1), got {alpha}")
-        if prediction_sets is not None and prediction_sets not in SET_METHODS:
-            raise OODModelError(f"prediction_sets must be one of {SET_METHODS} or None, got {prediction_sets!r}")
-        if head is not None and head not in HEADS:
-            raise OODModelError(f"head must be one of {HEADS} or None, got {head!r}")
-        if set_alpha is not None and not 0.0 < set_alpha < 1.0:
-            raise OODModelError(f"set_alpha must be in (0, 1), got {set_alpha}")
-        if not 0.0 < calibration_fraction < 1.0:
-            raise OODModelError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+        cls = check_settings(method, method_params or {}, alpha=alpha, prediction_sets=prediction_sets,
+                             set_alpha=set_alpha, head=head, calibration_fraction=calibration_fraction)
         self.method = method
         self.method_params = dict(method_params or {})
-        _check_method_params(cls, self.method_params)
         self.alpha = float(alpha)
         self.prediction_sets = prediction_sets
         self.set_alpha = float(set_alpha) if set_alpha is not None else self.alpha
@@ -295,13 +267,14 @@ class OODModel:
             fit_part, cal_part = data.subset(fit_rows), data.subset(cal_rows)
             cal_part.description = f"{fraction:g} of the ID images (seed {self.seed})"
             fraction_used = fraction
-        self._fit_detector_and_head(fit_part, names)
+        fit_features(self, fit_part, names)
+        self._reset_calibration()
         self.info_["fit"] = {"n": len(fit_part.hashes), "source": data.description, "failed": len(data.failures),
                              "failures": [[f.item_id, f.reason] for f in data.failures[:20]]}
         if cal_part is not None:
             if cal_part.features is None:
                 raise OODModelError("no calibration images could be read")
-            self._calibrate_on(cal_part)
+            calibrate_on(self, cal_part)
             self.info_["calibration"]["fraction"] = fraction_used
         return self
 
@@ -324,85 +297,18 @@ class OODModel:
                     "images in class sub-folders"
                 )
             classes = cal_part.class_names
-        if self.head == "linear_probe":
-            raise OODModelError("a zero-shot model has no labelled fit images for a linear probe")
-        try:
-            detector = build_detector(self.method, self.method_params, classes, override_classes=True)
-            fit_detector(detector, text_encoder=self.backbone)
-        except DetectorError as err:
-            raise OODModelError(str(err)) from None
-        self.detector_ = detector
-        self.class_names_ = list(detector.classes)
-        self.fit_ids_ = []
-        self.head_ = None
-        if self.head in ("auto", "zeroshot"):
-            self.head_ = ZeroShotHead(
-                detector.state_["class_text"].numpy(), self.class_names_,
-                self.head_params.get("logit_scale") or ZeroShotHead.scale_for(None, self.backbone_id),
-            )
-            self._head_scale_from_features = "logit_scale" not in self.head_params
-        elif self.head == "logits":
-            self.head_ = LogitsHead(self.class_names_)
+        fit_class_names(self, classes)
         self._reset_calibration()
         self.info_["fit"] = {"n": 0, "source": "class names only", "failed": 0}
         if cal_part is not None:
             if cal_part.features is None:
                 raise OODModelError(f"none of the {cal_part.n} calibration images could be read")
+            notes = []
             if cal_labels is None and cal_part.labels is not None:
-                self._note_unmatched(cal_part.class_names)
+                notes = unmatched_notes(cal_part.class_names, self.class_names_)
                 cal_part.labels = map_labels(cal_part.labels, cal_part.class_names, self.class_names_)
-            self._calibrate_on(cal_part)
+            calibrate_on(self, cal_part, notes)
         return self
-
-    def _note_unmatched(self, folder_names: list[str] | None) -> None:
-        """Say which class names and calibration folders did not match (their images get no class)."""
-        folders, classes = unmatched_names(folder_names, self.class_names_)
-        self._pending_notes = []
-        if classes:
-            self._pending_notes.append(f"class name(s) {', '.join(classes)} match no calibration folder: no "
-                                       "calibration image of theirs has a known class")
-        if folders:
-            self._pending_notes.append(f"calibration folder(s) {', '.join(folders)} match no class name: their "
-                                       "images calibrate the OOD threshold but not the prediction sets")
-
-    def _fit_detector_and_head(self, data: ModelData, names: list[str] | None) -> None:
-        labels = data.labels
-        try:
-            detector = build_detector(self.method, self.method_params, names)
-            needs = detector.fit_needs()
-            if needs.labels and (labels is None or (labels < 0).any()):
-                raise OODModelError(f"{self.method} needs a class label for every ID fit image (class sub-folders)")
-            fit_detector(detector, data.features, labels, text_encoder=self.backbone)
-        except DetectorError as err:
-            raise OODModelError(str(err)) from None
-        self.detector_ = detector
-        self.class_names_ = names
-        self.fit_ids_ = list(data.hashes)
-        self.head_ = self._fit_head(data.features, labels, names)
-        self._reset_calibration()
-
-    def _fit_head(self, features: Features, labels: np.ndarray | None, names: list[str] | None) -> ClassHead | None:
-        self._head_scale_from_features = False
-        has_labels = labels is not None and names is not None and len(np.unique(labels[labels >= 0])) >= 2
-        if self.head == "auto" and has_labels or self.head == "linear_probe":
-            if not has_labels:
-                raise OODModelError("a linear-probe head needs labelled ID images of at least 2 classes")
-            C = self.head_params.get("C")
-            return LinearProbeHead.fit(features, labels, names, **({"C": C} if C is not None else {}))
-        if self.head == "logits":
-            if names is None:
-                self.class_names_ = names = list(getattr(self.backbone, "class_names", None) or [])
-            return LogitsHead(names)
-        if self.head == "zeroshot":
-            if names is None:
-                raise OODModelError("a zero-shot head needs the ID class names")
-            from oodscope.text.prompts import class_text_embeddings
-
-            text = class_text_embeddings(self.backbone, names, "simple")
-            self._head_scale_from_features = "logit_scale" not in self.head_params
-            return ZeroShotHead(text, names, self.head_params.get("logit_scale")
-                                or ZeroShotHead.scale_for(None, self.backbone_id))
-        return None
 
     def _reset_calibration(self) -> None:
         self.pvalues_ = self.threshold_ = self.set_calibrator_ = None
@@ -423,70 +329,12 @@ class OODModel:
         part = self._data(data, "calibration: ID images", labels=labels, ids=ids)
         if part.features is None:
             raise OODModelError(f"none of the {part.n} calibration images could be read")
+        notes = []
         if labels is None and not isinstance(data, Features):
-            self._note_unmatched(part.class_names)
+            notes = unmatched_notes(part.class_names, self.class_names_)
             part.labels = map_labels(part.labels, part.class_names, self.class_names_)
-        self._calibrate_on(part)
+        calibrate_on(self, part, notes)
         return self
-
-    def _calibrate_on(self, data: ModelData) -> None:
-        """Conformal p-values, threshold and prediction sets from held-out ID data."""
-        fit_hex = [h.hex() for h in self.fit_ids_]
-        cal_hex = [h.hex() for h in data.hashes]
-        try:
-            check_disjoint(fit_hex, cal_hex)
-        except ValueError as err:
-            shared = set(fit_hex) & set(cal_hex)
-            examples = [n for n, h in zip(data.item_ids, cal_hex, strict=True) if h in shared][:5]
-            raise OODModelError(f"{err} Calibration images with the content of a fit image: {', '.join(examples)}") \
-                from None
-        features, labels = data.features, data.labels
-        n = len(features)
-        need = min_calibration_size(1.0 - self.alpha)
-        if n < need:
-            raise OODModelError(
-                f"{n} calibration image(s) are too few for alpha = {self.alpha:g}: the conformal threshold needs "
-                f"n >= (1 - alpha) / alpha, i.e. at least {need} held-out ID images"
-            )
-        if isinstance(self.head_, ZeroShotHead) and self._head_scale_from_features \
-                and features.logit_scale is not None:
-            self.head_.logit_scale = float(features.logit_scale)  # the backbone's own temperature
-        scores = self._score_features(features)
-        if not np.isfinite(scores).all():
-            raise OODModelError(f"the detector gave {int((~np.isfinite(scores)).sum())} non-finite calibration "
-                                "score(s); calibration scores must be finite")
-        self.pvalues_ = ConformalPValues.fit(scores)
-        self.threshold_ = fit_threshold(scores, 1.0 - self.alpha)
-        self.set_calibrator_ = None
-        self.notes_ = list(getattr(self, "_pending_notes", []))
-        self._pending_notes = []
-        n_labelled = 0 if labels is None else int((labels >= 0).sum())
-        if self.prediction_sets and self.head_ is not None:
-            need_sets = min_calibration_size(1.0 - self.set_alpha)
-            if n_labelled < need_sets:
-                self.notes_.append(
-                    f"no prediction sets: {n_labelled} calibration image(s) have a known ID class, "
-                    f"{need_sets} are needed for set_alpha = {self.set_alpha:g}"
-                )
-            else:
-                rows = np.flatnonzero(labels >= 0)
-                calibrator = PredictionSetCalibrator(self.prediction_sets, self.set_alpha,
-                                                     **self.prediction_set_params)
-                # Randomized scores draw each image's uniform from its content (as predict does): the set
-                # score is then one fixed function of the image, which is what exchangeability needs.
-                self.set_calibrator_ = calibrator.fit(self.head_.probabilities(features.subset(rows)), labels[rows],
-                                                      rng=self._uniforms([data.keys[i] for i in rows]))
-        elif self.prediction_sets and self.head_ is None:
-            self.notes_.append("no prediction sets: the model has no class head")
-        self.info_["calibration"] = {
-            "n": n, "n_labelled": n_labelled, "source": data.description, "failed": len(data.failures),
-            "fraction": None, "failures": [[f.item_id, f.reason] for f in data.failures[:20]], "seed": self.seed,
-        }
-
-    def _uniforms(self, keys: list[bytes]) -> np.ndarray:
-        """One uniform per image from its content: an image gets the same APS/RAPS set whatever batch it
-        comes in, and after save -> load (methods that draw none ignore them)."""
-        return content_uniforms(self.seed, keys)
 
     # ------------------------------------------------------------------ scoring
     def _require_fitted(self) -> None:
@@ -502,7 +350,8 @@ class OODModel:
                 "works without"
             )
 
-    def _score_features(self, features: Features) -> np.ndarray:
+    def detector_scores(self, features: Features) -> np.ndarray:
+        """The detector's raw scores of precomputed features (float64, higher = more OOD)."""
         return np.asarray(self.detector_.score(features), dtype=np.float64)
 
     def score(self, images: Any, *, progress: bool | None = None) -> np.ndarray:
@@ -511,45 +360,8 @@ class OODModel:
         data = self._data(images, "score", missing_ok=True, progress=progress)
         out = np.full(data.n, np.nan)
         if data.features is not None:
-            out[data.indices] = self._score_features(data.features)
+            out[data.indices] = self.detector_scores(data.features)
         return out
-
-    def _predict(self, data: ModelData) -> Predictions:
-        """Predictions for one chunk: scored rows and error rows, in input order."""
-        n, k = data.n, len(self.class_names_) if self.class_names_ else 0
-        scores, p = np.full(n, np.nan), np.full(n, np.nan)
-        ood = np.zeros(n, dtype=bool)
-        errors: list[str | None] = [None] * n
-        probs = np.full((n, k), np.nan) if self.head_ is not None else None
-        mask = np.zeros((n, k), dtype=bool) if self.set_calibrator_ is not None else None
-        for f in data.failures:
-            errors[f.index] = f.reason
-        if data.features is not None:
-            idx = data.indices
-            s = self._score_features(data.features)
-            scores[idx] = s
-            for j in np.flatnonzero(np.isnan(s)):
-                errors[idx[j]] = "the detector returned NaN"
-            ok = ~np.isnan(s)
-            if self.is_calibrated and ok.any():
-                p[idx[ok]] = self.pvalues_.p_values(s[ok])
-                ood[idx[ok]] = self.pvalues_.decide(s[ok], self.alpha)
-            if probs is not None:
-                probs[idx] = self.head_.probabilities(data.features)
-                if mask is not None:
-                    mask[idx] = self.set_calibrator_.predict_sets(probs[idx], rng=self._uniforms(data.keys))
-        return Predictions(item_ids=self._ids(data), scores=scores, p_values=p, ood=ood, errors=errors,
-                           alpha=self.alpha, class_names=self.class_names_, probabilities=probs, set_mask=mask,
-                           calibrated=self.is_calibrated)
-
-    @staticmethod
-    def _ids(data: ModelData) -> list[str]:
-        ids = [""] * data.n
-        for i, name in zip(data.indices, data.item_ids, strict=True):
-            ids[i] = name
-        for f in data.failures:
-            ids[f.index] = f.item_id
-        return ids
 
     def predict_iter(
         self,
@@ -565,10 +377,6 @@ class OODModel:
         Unreadable images come back as rows with ``error`` set; they never stop the stream. With
         ``require_calibration=False`` an uncalibrated model streams scores (and classes) only.
         """
-        from tqdm.auto import tqdm
-
-        from oodscope.io import Subset
-
         if require_calibration:
             self._require_calibrated()
         else:
@@ -576,32 +384,11 @@ class OODModel:
         if chunk_size < 1:
             raise OODModelError("chunk_size must be >= 1")
         if isinstance(images, Features):
-            n = len(images)
-            ids = [str(i) for i in range(n)] if item_ids is None else list(item_ids)
-            if len(ids) != n:
-                raise OODModelError(f"item_ids has {len(ids)} entries for {n} feature rows")
-            data = from_features(images)
-            data.item_ids = ids
-            for start in range(0, n, chunk_size):
-                part = data.subset(np.arange(start, min(start + chunk_size, n)))
-                part.indices = np.arange(len(part.indices))  # positions within the chunk
-                yield self._predict(part)
+            yield from (predict_chunk(self, part) for part in feature_chunks(images, chunk_size, item_ids))
             return
-        source = as_image_source(images, missing_ok=True)
         show = self.progress if progress is None else progress
-        bar = tqdm(total=len(source), unit="img", desc="score", disable=not show, dynamic_ncols=True)
-        failed = 0
-        try:
-            for start in range(0, len(source), chunk_size):
-                chunk = Subset(source, np.arange(start, min(start + chunk_size, len(source))))
-                part = self._data(chunk, "score", progress=False)
-                failed += len(part.failures)
-                bar.update(len(chunk))
-                if failed:
-                    bar.set_postfix(failed=failed, refresh=False)
-                yield self._predict(part)
-        finally:
-            bar.close()
+        for chunk in image_chunks(as_image_source(images, missing_ok=True), chunk_size, show):
+            yield predict_chunk(self, self._data(chunk, "score", progress=False))
 
     def predict(
         self,
@@ -656,14 +443,6 @@ class OODModel:
         return persistence.load_model(cls, directory, backbone=backbone, verify_backbone=verify_backbone,
                                       device=device, cache_dir=cache_dir, batch_size=batch_size,
                                       num_workers=num_workers, progress=progress)
-
-
-def _check_method_params(cls: type, params: dict[str, Any]) -> None:
-    """Unknown parameters fail here, before any image is read (required ones may come at fit time)."""
-    try:
-        check_params(cls, params, partial=True)
-    except DetectorError as err:
-        raise OODModelError(str(err)) from None
 
 
 __all__ = ["DEFAULT_CALIBRATION_FRACTION", "OODModel", "OODModelError"]

@@ -1,0 +1,92 @@
+"""How an :class:`~oodscope.pipeline.model.OODModel` is configured and fitted: its settings checked at
+construction (before any image is read), then its detector and class head fitted — from the class
+names alone (zero-shot kinds) or from ID features — through the one fit path of
+:mod:`oodscope.detectors.fitting`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from oodscope.detectors import DetectorError, registered
+from oodscope.detectors.base import Detector, check_params
+from oodscope.detectors.fitting import build_detector, class_needs, fit_detector
+from oodscope.pipeline.heads import LogitsHead, fit_head, zero_shot_head
+from oodscope.pipeline.inputs import ModelData, OODModelError
+
+if TYPE_CHECKING:
+    from oodscope.pipeline.model import OODModel
+
+SET_METHODS = ("aps", "raps", "lac")
+HEADS = ("auto", "zeroshot", "linear_probe", "logits")
+
+
+def check_settings(method: str, method_params: dict[str, Any], *, alpha: float, prediction_sets: str | None,
+                   set_alpha: float | None, head: str | None, calibration_fraction: float) -> type[Detector]:
+    """The detector class of ``method`` once every setting is valid; else an :class:`OODModelError`.
+
+    Unknown method parameters fail here; required ones (``classes`` of zero-shot methods) may still
+    come at fit time."""
+    detectors = registered()
+    if method not in detectors:
+        raise OODModelError(f"unknown method {method!r}; registered: {', '.join(detectors)}")
+    cls = detectors[method]
+    needs = class_needs(cls)
+    if needs.model:
+        raise OODModelError(f"{method} runs the network itself (gradients) and cannot score cached features; "
+                            "OODModel supports feature-based detectors only")
+    if needs.adaptive:
+        raise OODModelError(f"{method} adapts to the test stream (its scores depend on the images scored before), "
+                            "so conformal calibration does not apply to it")
+    if not 0.0 < alpha < 1.0:
+        raise OODModelError(f"alpha must be in (0, 1), got {alpha}")
+    if prediction_sets is not None and prediction_sets not in SET_METHODS:
+        raise OODModelError(f"prediction_sets must be one of {SET_METHODS} or None, got {prediction_sets!r}")
+    if head is not None and head not in HEADS:
+        raise OODModelError(f"head must be one of {HEADS} or None, got {head!r}")
+    if set_alpha is not None and not 0.0 < set_alpha < 1.0:
+        raise OODModelError(f"set_alpha must be in (0, 1), got {set_alpha}")
+    if not 0.0 < calibration_fraction < 1.0:
+        raise OODModelError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+    try:
+        check_params(cls, dict(method_params), partial=True)
+    except DetectorError as err:
+        raise OODModelError(str(err)) from None
+    return cls
+
+
+def fit_class_names(model: OODModel, classes: Any) -> None:
+    """A zero-shot model's detector (from the class names and the backbone's text encoder) and head."""
+    if model.head == "linear_probe":
+        raise OODModelError("a zero-shot model has no labelled fit images for a linear probe")
+    try:
+        detector = build_detector(model.method, model.method_params, classes, override_classes=True)
+        fit_detector(detector, text_encoder=model.backbone)
+    except DetectorError as err:
+        raise OODModelError(str(err)) from None
+    model.detector_ = detector
+    model.class_names_ = list(detector.classes)
+    model.fit_ids_ = []
+    model.head_, model._head_scale_from_features = None, False
+    if model.head in ("auto", "zeroshot"):
+        model.head_ = zero_shot_head(model.backbone, model.class_names_, model.head_params,
+                                     detector.state_["class_text"].numpy())
+        model._head_scale_from_features = "logit_scale" not in model.head_params
+    elif model.head == "logits":
+        model.head_ = LogitsHead(model.class_names_)
+
+
+def fit_features(model: OODModel, data: ModelData, names: list[str] | None) -> None:
+    """A model's detector and head fitted on ID features (``names``: the classes of the labels)."""
+    labels = data.labels
+    try:
+        detector = build_detector(model.method, model.method_params, names)
+        if detector.fit_needs().labels and (labels is None or (labels < 0).any()):
+            raise OODModelError(f"{model.method} needs a class label for every ID fit image (class sub-folders)")
+        fit_detector(detector, data.features, labels, text_encoder=model.backbone)
+    except DetectorError as err:
+        raise OODModelError(str(err)) from None
+    model.detector_ = detector
+    model.fit_ids_ = list(data.hashes)
+    model.head_, model.class_names_, model._head_scale_from_features = fit_head(
+        model.head, data.features, labels, names, model.backbone, model.head_params)

@@ -13,12 +13,18 @@ Conversion rules (see ``docs/io.md``):
   some Pillow versions/plugins expose 16-bit PNG/TIFF), otherwise min-max scaled to 0..255.
 * ``F`` (float): if every finite value lies in [0, 1], ``round(v * 255)``; otherwise min-max scaled.
   NaN/inf become 0. A constant image that needs min-max scaling becomes all 0.
+
+Oversized images: an image with more than ``max_pixels`` pixels (width * height, read from the header
+before any pixel is decoded) is refused with one message naming the pixel count and the limit,
+whichever guard caught it (ours, or Pillow's hard limit of ``2 * PIL.Image.MAX_IMAGE_PIXELS`` for
+the largest sizes): see :func:`too_many_pixels`. On the command line the limit is ``--max-pixels``.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -34,6 +40,7 @@ __all__ = [
     "load_image",
     "read_image_bytes",
     "to_rgb",
+    "too_many_pixels",
 ]
 
 # Same value as Pillow's default ``Image.MAX_IMAGE_PIXELS`` (~ 1 GiB of 24-bit pixels / 4), but enforced
@@ -58,6 +65,25 @@ class ImageLoadError(Exception):
     def __reduce__(self) -> tuple:
         # Keeps the exception transferable between worker processes despite the custom __init__.
         return (type(self), (self.path, self.reason))
+
+
+_PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def too_many_pixels(path: str, pixels: int | None, limit: int) -> ImageLoadError:
+    """The one error for an oversized image: its pixel count and the limit (``max_pixels``)."""
+    count = f"{pixels:,} pixels" if pixels else "too many pixels"
+    return ImageLoadError(path, f"image too large: {count}, more than the limit of {limit:,} pixels "
+                                "(max_pixels; --max-pixels on the command line)")
+
+
+def _pillow_bomb(path: str, err: Exception, max_pixels: int | None) -> ImageLoadError:
+    """Pillow's DecompressionBombError (an image above its hard limit) as :func:`too_many_pixels`."""
+    found = _PILLOW_PIXELS.search(str(err))
+    pixels = int(found.group(1)) if found else None
+    hard = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    limit = max_pixels if max_pixels is not None and (hard is None or max_pixels < hard) else hard
+    return too_many_pixels(path, pixels, limit if limit is not None else 0)
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -146,7 +172,9 @@ def decode_image(
 
     ``path`` is only used in error messages. ``max_pixels`` (width * height of the first frame) is checked
     from the header before any pixel is decoded; ``None`` disables our check (Pillow's own hard limit of
-    ``2 * PIL.Image.MAX_IMAGE_PIXELS`` still applies and is reported as :class:`ImageLoadError`).
+    ``2 * PIL.Image.MAX_IMAGE_PIXELS`` still applies, and so does it to a ``max_pixels`` above it: raise
+    ``PIL.Image.MAX_IMAGE_PIXELS`` too for larger images). Both guards give the same
+    :func:`too_many_pixels` message.
     Raises :class:`ImageLoadError` for empty, truncated, corrupt, oversized or non-image data.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -161,7 +189,7 @@ def decode_image(
         except Image.UnidentifiedImageError:
             raise ImageLoadError(path, "not a recognised image format") from None
         except Image.DecompressionBombError as e:
-            raise ImageLoadError(path, f"decompression bomb guard: {e}") from None
+            raise _pillow_bomb(path, e, max_pixels) from None
         except Exception as e:  # corrupt headers make plugins raise all kinds of exceptions
             raise ImageLoadError(path, f"corrupt image header ({type(e).__name__}: {e})") from e
         try:
@@ -169,14 +197,12 @@ def decode_image(
             if w <= 0 or h <= 0:
                 raise ImageLoadError(path, f"invalid image size {w}x{h}")
             if max_pixels is not None and w * h > max_pixels:
-                raise ImageLoadError(
-                    path, f"image has {w}x{h} = {w * h} pixels, above the max_pixels limit of {max_pixels}"
-                )
+                raise too_many_pixels(path, w * h, max_pixels)
             try:
                 # Force the full decode so truncated/corrupt pixel data fails here, not later.
                 img.load()
             except Image.DecompressionBombError as e:
-                raise ImageLoadError(path, f"decompression bomb guard: {e}") from None
+                raise _pillow_bomb(path, e, max_pixels) from None
             except Exception as e:
                 reason = f"corrupt or truncated image data ({type(e).__name__}: {e})"
                 raise ImageLoadError(path, reason) from e

@@ -51,8 +51,7 @@ from oodscope.backbones import create as create_backbone
 from oodscope.backbones.preprocess import preprocess
 from oodscope.detectors import create, registered
 from oodscope.features.extract import extract
-from oodscope.io import fashion_mnist
-from oodscope.io.datasets import Subset
+from oodscope.io import Subset, fashion_mnist
 
 TARGET = 0.05  # scoring should cost at most 5 % of extraction
 

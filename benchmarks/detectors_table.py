@@ -51,11 +51,10 @@ from oodscope.backbones import create as create_backbone
 from oodscope.backbones.preprocess import preprocess
 from oodscope.detectors import create, registered
 from oodscope.detectors.base import Detector, DetectorError
-from oodscope.evaluation.tune import default_grid, tune
 from oodscope.evaluation.metrics import ood_metrics
+from oodscope.evaluation.tune import default_grid, tune
 from oodscope.features.extract import extract
-from oodscope.io import fashion_mnist_ood
-from oodscope.io.datasets import Subset
+from oodscope.io import Subset, fashion_mnist_ood
 
 BACKBONE = "effnet-lite0"
 FEATURE_FIELDS = frozenset({"logits", "penultimate", "weight", "bias", "embedding", "layers"})

@@ -73,7 +73,7 @@ from oodscope.detectors import create
 from oodscope.detectors.base import Detector, DetectorError
 from oodscope.evaluation.metrics import id_accuracy, ood_metrics
 from oodscope.features.extract import extract
-from oodscope.io.datasets import Subset
+from oodscope.io import Subset
 from oodscope.io.realdata import FASHION_MNIST_CLASSES
 from oodscope.text.lexicon import wordnet_lexicon
 from oodscope.text.prompts import TextEmbeddingCache

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oodscope.evaluation import corruptions as C
 from oodscope.evaluation.corruptions import CORRUPTION_NAMES, CorruptedSource, corrupt
+from oodscope.evaluation.corruptions import functions as F
+from oodscope.evaluation.corruptions import primitives as P
 from oodscope.features.extract import content_hash
 from oodscope.io import ArrayDataset, Subset
 
@@ -94,7 +95,7 @@ def test_simple_corruptions_match_their_formulas() -> None:
     sat = lambda a: (a.max(axis=2) - a.min(axis=2)) / a.max(axis=2)  # noqa: E731
     np.testing.assert_allclose(sat(out), sat(x), atol=0.02)
     # gaussian noise: x + 0.18 * N(0, 1), with the generator the module seeds
-    rng = C._rng("gaussian_noise", 4)
+    rng = F._rng("gaussian_noise", 4)
     expected = quant(x + rng.standard_normal(x.shape) * 0.18)
     np.testing.assert_array_equal(np.asarray(corrupt(img, "gaussian_noise", 3, seed=4)), expected)
     # saturate at severity 3: HSV saturation x2 (clipped at 1) -> channel distances to the value double
@@ -105,8 +106,8 @@ def test_simple_corruptions_match_their_formulas() -> None:
     np.testing.assert_allclose(out[ok], quant(v - (v - x) * 2)[ok] / 255, atol=1e-12)
     np.testing.assert_allclose(out.max(axis=2), x.max(axis=2), atol=1 / 255)  # value unchanged
     # fog at severity 2: (x + 2 * plasma) * max / (max + 2), plasma with decay 2 cropped to 224, resized
-    rng = C._rng("fog", 9)
-    plasma = C._resize_plane(C._plasma(rng, 2.0)[:224, :224], 32, 32)
+    rng = F._rng("fog", 9)
+    plasma = P.resize_plane(P.plasma_fractal(rng, 2.0)[:224, :224], 32, 32)
     expected = quant((x + 2.0 * plasma[..., None]) * x.max() / (x.max() + 2.0))
     np.testing.assert_array_equal(np.asarray(corrupt(img, "fog", 2, seed=9)), expected)
     # impulse noise replaces about the table's fraction of values with 0 or 255
@@ -131,12 +132,12 @@ def test_blur_kernels_preserve_mean_and_constant_images() -> None:
     for name in ("gaussian_blur", "defocus_blur", "motion_blur", "zoom_blur"):
         assert np.all(np.asarray(corrupt(flat, name, 5, seed=1)) == 120), name
     for radius in (0.3, 1.0, 3.0, 10.0):
-        k = C._disk_kernel(radius)
+        k = P.disk_kernel(radius)
         assert k.shape[0] == k.shape[1] and k.shape[0] % 2 == 1
         assert abs(k.sum() - 1) < 1e-12 and np.allclose(k, k.T) and np.allclose(k, k[::-1])
     # the disk's area is pi r^2 pixels: the kernel's largest weight is 1 / (pi r^2) for a big disk
-    assert abs(C._disk_kernel(10).max() - 1 / (np.pi * 100)) < 1e-3
-    k = C._motion_kernel(5, 2, 0.0)  # a horizontal streak to the right of the centre
+    assert abs(P.disk_kernel(10).max() - 1 / (np.pi * 100)) < 1e-3
+    k = P.motion_kernel(5, 2, 0.0)  # a horizontal streak to the right of the centre
     centre = k.shape[0] // 2
     assert np.allclose(k[centre, :centre], 0) and np.allclose(k.sum(axis=1)[np.arange(k.shape[0]) != centre], 0)
 
@@ -150,12 +151,12 @@ def test_convolution_matches_direct_sum_with_reflect101_borders() -> None:
     for i in range(9):
         for j in range(7):
             direct[i, j] = (padded[i : i + 3, j : j + 5] * k[::-1, ::-1, None]).sum(axis=(0, 1))
-    np.testing.assert_allclose(C._convolve(x, k), direct, atol=1e-12)
+    np.testing.assert_allclose(P.convolve(x, k), direct, atol=1e-12)
 
 
 def test_plasma_is_normalised_and_seeded() -> None:
-    a = C._plasma(np.random.default_rng(1), 2.0)
-    b = C._plasma(np.random.default_rng(1), 2.0)
+    a = P.plasma_fractal(np.random.default_rng(1), 2.0)
+    b = P.plasma_fractal(np.random.default_rng(1), 2.0)
     assert a.shape == (256, 256) and a.min() == 0 and a.max() == 1
     assert np.array_equal(a, b)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oodscope.io.datasets import (
+from oodscope.io import (
     ArrayDataset,
     Concat,
     DatasetError,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oodscope.io.datasets import ArrayDataset, DatasetError, FlatFolder, ImageFolder, Subset
+from oodscope.io import ArrayDataset, DatasetError, FlatFolder, ImageFolder, Subset
 from oodscope.io.realdata import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DEBIAN_DIR,

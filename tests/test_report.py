@@ -158,7 +158,7 @@ def test_roc_curve_area_is_the_auroc_with_ties():
 def test_two_backbones_rows_ranked_repeats_folded_and_extra_sections(tmp_path):
     from test_bench import Counting
 
-    from oodscope.reports.html import html_table
+    from oodscope.reports.markup import html_table
 
     data = {"id": make_data(24, 0, 140, True, "id", 1), "id_fit": make_data(30, 0, 140, True, "fit", 2),
             "near_a": make_data(16, 60, 220, False, "near", 3), "far_b": make_data(18, 140, 256, False, "far", 4)}

@@ -137,7 +137,7 @@ def _deployment_summary(files, root: Path, predictions, model) -> dict:
 def _deployment_html(deployment: dict) -> str:
     from html import escape
 
-    from oodscope.reports.html import html_table
+    from oodscope.reports.markup import html_table
 
     rows = [(group, g["images"], g["flagged_ood"]) for group, g in deployment["groups"].items()]
     rows += [(f"unreadable: {bad['file']}", "", bad["error"]) for bad in deployment["unreadable"]]

@@ -1,17 +1,6 @@
 """Image and dataset input: robust decoding to RGB, dataset sources, and offline real-data readers."""
 
-from .datasets import (
-    ArrayDataset,
-    Concat,
-    DatasetError,
-    FileList,
-    FlatFolder,
-    ImageFolder,
-    ImageSource,
-    Relabel,
-    Subset,
-    open_dataset,
-)
+from .files import FileList, FlatFolder, ImageFolder, open_dataset
 from .images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -35,6 +24,7 @@ from .realdata import (
     write_image_folder,
 )
 from .resolve import describe_source, resolve_images
+from .sources import ArrayDataset, Concat, DatasetError, ImageSource, Relabel, Subset
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import ArrayDataset, DatasetError, ImageFolder, ImageSource, Relabel, Subset
+from .files import ImageFolder
+from .sources import ArrayDataset, DatasetError, ImageSource, Relabel, Subset
 
 __all__ = [
     "FASHION_MNIST_CLASSES",

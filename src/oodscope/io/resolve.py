@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from oodscope.io.datasets import LIST_EXTENSIONS, ArrayDataset, Concat, DatasetError, FileList, ImageSource, Relabel
-from oodscope.io.datasets import open_dataset as _open_path
+from oodscope.io.files import LIST_EXTENSIONS, FileList
+from oodscope.io.files import open_dataset as _open_path
+from oodscope.io.sources import ArrayDataset, Concat, DatasetError, ImageSource, Relabel
 
 __all__ = ["describe_source", "resolve_images"]
 

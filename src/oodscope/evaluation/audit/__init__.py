@@ -26,15 +26,13 @@ from pathlib import Path
 
 from oodscope.evaluation.audit._common import AUDIT_FILE, AUDIT_FORMAT, extract_features
 from oodscope.evaluation.audit.corruption import CorruptionAuditResult, corruption_robustness, plot_corruption_curves
-from oodscope.evaluation.audit.prompts import (
+from oodscope.evaluation.audit.prompts import PromptAuditResult, plot_prompt_sensitivity, prompt_sensitivity
+from oodscope.evaluation.audit.variants import (
     BASELINE_TEMPLATE,
     CONTEXT_TEMPLATES,
     DOMAIN_TEMPLATES,
     PARAPHRASE_TEMPLATES,
-    PromptAuditResult,
     PromptVariant,
-    plot_prompt_sensitivity,
-    prompt_sensitivity,
     prompt_variants,
     wordnet_synonyms,
 )

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from oodscope.io.datasets import Concat, DatasetError, FileList, ImageFolder, ImageSource, Relabel
+from oodscope.io.files import FileList, ImageFolder
 from oodscope.io.registry.specs import DatasetSpec, FileChecksum, register_dataset
+from oodscope.io.sources import Concat, DatasetError, ImageSource, Relabel
 
 ANOMALIB_SOURCE = "documented in anomalib's data modules (github.com/openvinotoolkit/anomalib); not re-verified here"
 

@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from oodscope.io.datasets import ImageSource
 from oodscope.io.realdata import (
     FASHION_MNIST_DEBIAN_DIR,
     FASHION_MNIST_ENV,
@@ -24,6 +23,7 @@ from oodscope.io.realdata import (
 )
 from oodscope.io.registry.loaders import _offline
 from oodscope.io.registry.specs import Benchmark, DatasetSpec, FileChecksum, register_benchmark, register_dataset
+from oodscope.io.sources import ImageSource
 
 
 def _fashion_file(rel: str) -> Path | None:

@@ -11,10 +11,11 @@ from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
-from oodscope.io.datasets import ImageFolder, ImageSource, Relabel
+from oodscope.io.files import ImageFolder
 from oodscope.io.registry.catalog_anomaly import ANOMALIB_SOURCE
 from oodscope.io.registry.loaders import _folder
 from oodscope.io.registry.specs import Benchmark, DatasetSpec, FileChecksum, register_benchmark, register_dataset
+from oodscope.io.sources import ImageSource, Relabel
 
 
 @lru_cache(maxsize=1)

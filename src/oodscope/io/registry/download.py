@@ -24,7 +24,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from oodscope.io.datasets import DatasetError, ImageSource
 from oodscope.io.registry.specs import (
     ChecksumMismatch,
     DatasetSpec,
@@ -33,6 +32,7 @@ from oodscope.io.registry.specs import (
     get_spec,
     not_available,
 )
+from oodscope.io.sources import DatasetError, ImageSource
 
 __all__ = ["CheckReport", "check_dataset", "download_dataset", "download_file", "extract_archive", "file_digest"]
 

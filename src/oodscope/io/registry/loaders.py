@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from oodscope.io.datasets import FileList, FlatFolder, ImageFolder, ImageSource
+from oodscope.io.files import FileList, FlatFolder, ImageFolder
+from oodscope.io.sources import ImageSource
 
 
 def _offline(fn: Callable[[], ImageSource], locate: Callable[[str], Path | None] | None = None):

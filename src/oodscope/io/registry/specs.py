@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oodscope.io.datasets import DatasetError, ImageSource
+from oodscope.io.sources import DatasetError, ImageSource
 
 __all__ = [
     "BENCHMARKS",

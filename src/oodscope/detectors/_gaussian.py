@@ -9,6 +9,11 @@ ImageNet-sized feature log never needs a second full-size copy:
   likelihood estimates (divide by N), like ``sklearn.covariance.EmpiricalCovariance``.
 - :func:`shrink`: optional shrinkage towards a scaled identity (what GDA-style detectors on few
   samples need; 0 = the plain estimate the papers use).
+- :func:`ledoit_wolf_shrinkage` / :func:`auto_shrinkage`: the shrinkage that ``shrinkage=None``
+  (the Mahalanobis family's default) picks — 0 when the covariance can be full rank
+  (``n - groups >= d``), otherwise the Ledoit-Wolf intensity (Ledoit & Wolf, "A well-conditioned
+  estimator for large-dimensional covariance matrices", J. Multivariate Analysis 88, 2004; the
+  formula of ``sklearn.covariance.ledoit_wolf_shrinkage``) of the rows around their centres.
 - :func:`whitener` / :func:`precision`: pseudo-inverse square root and pseudo-inverse of a
   covariance from one symmetric eigendecomposition (``torch.linalg.eigh``). Eigenvalues below
   ``rcond * max_eigenvalue`` are dropped, as ``scipy.linalg.pinvh`` (and therefore sklearn's
@@ -28,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from oodscope.detectors._fit_size import covariance_is_singular
 from oodscope.detectors.base import DetectorError
 
 #: Rows per chunk for fit-time reductions (bounds the float64 temporary to ~chunk x D).
@@ -44,16 +50,22 @@ def check_matrix(x: torch.Tensor, who: str, what: str = "features") -> torch.Ten
     return x
 
 
-def few_samples_caution(n: int, d: int, shrinkage: float, groups: int = 1) -> str | None:
+def few_samples_caution(n: int, d: int, shrinkage: float, groups: int = 1, auto: bool = False) -> str | None:
     """The caution to record when a covariance is estimated from too few samples to be invertible.
 
     A covariance around ``groups`` estimated means has rank at most ``n - groups``; below ``d`` it is
     singular: the pseudo-inverse ignores every direction the fit images do not span, so images far
     away along those directions are not "far" at all, and differences of two such distances
-    (relative Mahalanobis) can rank far-OOD as the most in-distribution.
+    (relative Mahalanobis) can rank far-OOD as the most in-distribution. A shrinkage given
+    explicitly (> 0) silences the caution; one chosen by ``shrinkage=None`` (``auto``) does not —
+    the estimate still rests on fewer images than dimensions — but the caution then says what was done.
     """
-    if n - groups >= d or shrinkage > 0:
+    if not covariance_is_singular(n, d, groups) or (shrinkage > 0 and not auto):
         return None
+    if shrinkage > 0:
+        return (f"fitted on {n} images of {d}-d features: the covariance is singular, so it was shrunk towards "
+                f"a scaled identity (automatic Ledoit-Wolf shrinkage {shrinkage:.3g}); fit on at least "
+                f"{d + groups} images for an unshrunk estimate, or set shrinkage explicitly")
     return (f"fitted on {n} images of {d}-d features: the covariance is singular, so directions unseen at "
             f"fit time are ignored; fit on at least {d + groups} images or set shrinkage > 0 (e.g. 0.1)")
 
@@ -128,6 +140,53 @@ def shrink(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
     d = cov.shape[0]
     target = torch.trace(cov) / d
     return (1.0 - shrinkage) * cov + shrinkage * target * torch.eye(d, dtype=cov.dtype, device=cov.device)
+
+
+def _fourth_moment(x: torch.Tensor, centres: torch.Tensor, index: torch.Tensor | None) -> float:
+    """``sum_i ||x_i - centre_i||^4`` (centre_i = centres[index_i], or the one centre), in row chunks."""
+    total = 0.0
+    for start in range(0, len(x), FIT_CHUNK):
+        block = _as64(x[start : start + FIT_CHUNK])
+        block = block - (centres if index is None else centres[index[start : start + FIT_CHUNK]])
+        total += float(((block * block).sum(dim=1) ** 2).sum())
+    return total
+
+
+def ledoit_wolf_shrinkage(cov: torch.Tensor, fourth_moment: float, n: int) -> float:
+    """Ledoit-Wolf shrinkage intensity of the ML covariance ``cov`` of ``n`` centred rows.
+
+    ``fourth_moment`` is ``sum_i ||x_i||^4`` over those rows. Same formula as
+    ``sklearn.covariance.ledoit_wolf_shrinkage(x, assume_centered=True)`` — with ``mu = tr(S) / d``:
+    ``beta = (sum_i ||x_i||^4 / n - ||S||_F^2) / (n d)``, ``delta = (||S||_F^2 - d mu^2) / d``,
+    intensity ``min(beta, delta) / delta`` (0 when that is 0) — for the convex combination of
+    :func:`shrink`. Computed from the (D, D) matrix and the row norms, so no (N, D) copy is kept.
+    """
+    cov = _as64(cov)
+    d = cov.shape[0]
+    if d == 1 or n < 1:
+        return 0.0
+    mu = float(torch.trace(cov)) / d
+    frob = float((cov * cov).sum())
+    beta = (fourth_moment / n - frob) / (n * d)
+    delta = (frob - d * mu * mu) / d
+    beta = min(beta, delta)
+    if beta <= 0 or delta <= 0:
+        return 0.0
+    return float(min(1.0, beta / delta))
+
+
+def auto_shrinkage(
+    x: torch.Tensor, cov: torch.Tensor, centres: torch.Tensor, index: torch.Tensor | None = None, groups: int = 1
+) -> float:
+    """``shrinkage=None``: 0 when ``cov`` (around ``groups`` estimated centres) can be full rank, i.e.
+    ``n - groups >= d``; otherwise the Ledoit-Wolf intensity of the rows around their centres."""
+    n, d = x.shape
+    if not covariance_is_singular(n, d, groups):
+        return 0.0
+    centres = _as64(centres).to(x.device)
+    if index is not None:
+        index = index.to(device=x.device, dtype=torch.long)
+    return ledoit_wolf_shrinkage(cov, _fourth_moment(x, centres, index), n)
 
 
 def _eigh_kept(cov: torch.Tensor, rcond: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,19 +277,26 @@ class TiedGaussians(NamedTuple):
     counts: torch.Tensor  # (K,) samples per class
     covariance: torch.Tensor  # (D, D) tied covariance, after shrinkage
     whitener: torch.Tensor  # (D, r) with W W^T = pinv(covariance)
+    shrinkage: float = 0.0  # the shrinkage applied (chosen by auto_shrinkage when None was asked for)
 
 
 def fit_tied_classes(
-    x: torch.Tensor, labels: torch.Tensor, shrinkage: float = 0.0, rcond: float | None = None
+    x: torch.Tensor, labels: torch.Tensor, shrinkage: float | None = 0.0, rcond: float | None = None
 ) -> TiedGaussians:
-    """Means of the classes present in ``labels`` and their shared within-class covariance."""
+    """Means of the classes present in ``labels`` and their shared within-class covariance.
+
+    ``shrinkage=None`` picks it with :func:`auto_shrinkage` (0 unless ``n - classes < d``)."""
     all_means, counts = class_means(x, labels)
     present = counts > 0
-    cov = shrink(tied_covariance(x, labels, all_means), shrinkage)
+    cov = tied_covariance(x, labels, all_means)
+    if shrinkage is None:
+        shrinkage = auto_shrinkage(x, cov, all_means, labels, int(present.sum()))
+    cov = shrink(cov, shrinkage)
     return TiedGaussians(
         means=all_means[present],
         class_ids=torch.nonzero(present).flatten(),
         counts=counts[present],
         covariance=cov,
         whitener=whitener(cov, rcond),
+        shrinkage=float(shrinkage),
     )

@@ -67,21 +67,23 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def check_search_params(k: Any, subsample: float, method: str, params: dict | None, who: str) -> None:
-    """Validate what every nearest-neighbour detector takes: ``k``, ``subsample``, the index."""
-    if not (isinstance(k, int) and k >= 1):
-        raise DetectorError(f"{who}: k must be a positive integer, got {k!r}")
+    """Validate what every nearest-neighbour detector takes: ``k`` (None: a rule of the bank size), ``subsample``,
+    the index."""
+    if k is not None and not (isinstance(k, int) and k >= 1):
+        raise DetectorError(f"{who}: k must be a positive integer or None (a rule of the fit-set size), got {k!r}")
     if not 0.0 < subsample <= 1.0:
         raise DetectorError(f"{who}: subsample must be in (0, 1], got {subsample}")
     check_index_options(method, params, who)
 
 
-def bank_rows(n: int, k: int, subsample: float, seed: int, who: str) -> np.ndarray:
-    """Indices of the fitted rows kept in the bank; an error when fewer than ``k`` remain."""
+def bank_rows(n: int, k: int | None, subsample: float, seed: int, who: str) -> np.ndarray:
+    """Indices of the fitted rows kept in the bank; an error when fewer than ``k`` remain (``k=None``: no check,
+    the caller picks k from the bank size)."""
     keep = subsample_indices(n, subsample, seed)
-    if len(keep) < k:
+    if k is not None and len(keep) < k:
         raise DetectorError(
             f"{who}: k={k} but the ID bank has only {len(keep)} features ({n} fitted x subsample "
-            f"{subsample}); lower k or fit on more data"
+            f"{subsample}); lower k (k=None chooses it from the bank size) or fit on more data"
         )
     return keep
 

@@ -10,8 +10,21 @@ Score: ``-log sum_k pi_k N(P^T (x - m) | mu_k, Sigma_k)`` where ``P`` projects o
 ``pca_dim=None``. The full normalised density is used (OpenOOD drops the constant
 ``-1/2 log|2 pi Sigma|``, which is the same for every input when the covariance is tied).
 Defaults, from OpenOOD v1.5 ``gmm.yml`` (its last-layer entry, the only one with non-zero
-weight): ``n_components=50``, ``covariance_type="tied"``, ``pca_dim=50``, ``seed=0``
-(``random_state=0``); ``max_iter=100`` and ``reg_covar=1e-6`` are scikit-learn's defaults.
+weight): 50 components, ``covariance_type="tied"``, 50 PCA dimensions, ``seed=0``
+(``random_state=0``); ``max_iter=100`` and ``reg_covar=1e-6`` are scikit-learn's defaults. The
+component count and the PCA dimension follow the number of fit images ``n`` and reach OpenOOD's 50
+from n = 500 on:
+
+- ``n_components=None``: ``K = min(50, max(1, n // 10))`` — at least 10 fit images per component on
+  average (OpenOOD's 50 components on CIFAR-10's 50,000 images have 1,000 each);
+- ``pca_dim="auto"``: ``min(50, max(1, (n - K) // 2))`` — the tied covariance of ``K`` components
+  has ``n - K`` degrees of freedom, half of which at most become PCA dimensions, so it stays well
+  conditioned. ``pca_dim=None`` still means no PCA, and a value >= the feature width works as no
+  PCA too.
+
+So K = 10 / 50 / 50 and pca_dim = 45 / 50 / 50 at n = 100 / 1,000 / 6,000. The chosen values are
+recorded in ``fit_info_["auto"]`` (``"n_components"``, ``"pca_dim"``; see
+:mod:`oodscope.detectors._fit_size`); explicit values always win and are not recorded there.
 EM is run by ``sklearn.mixture.GaussianMixture``; only its arrays are kept (means, weights, Cholesky
 factors of the precisions) and the density is evaluated here in torch, so nothing is pickled.
 ``feature="auto"``: ``penultimate`` when present, else ``embedding``.
@@ -23,6 +36,7 @@ import math
 
 import torch
 
+from oodscope.detectors import _fit_size
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors.base import Detector, DetectorError, register
@@ -71,9 +85,9 @@ class GMM(FeatureField, Detector):
 
     def __init__(
         self,
-        n_components: int = 50,
+        n_components: int | None = None,
         covariance_type: str = "tied",
-        pca_dim: int | None = 50,
+        pca_dim: int | str | None = "auto",
         feature: str = "auto",
         seed: int = 0,
         max_iter: int = 100,
@@ -88,24 +102,39 @@ class GMM(FeatureField, Detector):
         self.max_iter = max_iter
         self.reg_covar = reg_covar
         self._check_feature(feature)
-        if not (isinstance(n_components, int) and n_components >= 1):
-            raise DetectorError(f"{self.name}: n_components must be a positive integer, got {n_components!r}")
+        if n_components is not None and not (isinstance(n_components, int) and n_components >= 1):
+            raise DetectorError(
+                f"{self.name}: n_components must be a positive integer or None (a rule of the fit-set size), "
+                f"got {n_components!r}"
+            )
         if covariance_type not in COVARIANCE_TYPES:
             raise DetectorError(f"{self.name}: covariance_type must be one of {list(COVARIANCE_TYPES)}")
-        if pca_dim is not None and not (isinstance(pca_dim, int) and pca_dim >= 1):
-            raise DetectorError(f"{self.name}: pca_dim must be a positive integer or None, got {pca_dim!r}")
+        if pca_dim not in (None, "auto") and not (isinstance(pca_dim, int) and pca_dim >= 1):
+            raise DetectorError(
+                f"{self.name}: pca_dim must be a positive integer, None (no PCA) or 'auto' (a rule of the "
+                f"fit-set size), got {pca_dim!r}"
+            )
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
         from sklearn.mixture import GaussianMixture
 
         self._record_fields()
         x = g.check_matrix(inputs["x"], self.name)
-        if len(x) < self.n_components:
-            raise DetectorError(f"{self.name}: {len(x)} ID features for {self.n_components} components")
+        n = len(x)
+        if self.n_components is None:
+            components = _fit_size.record(self, "n_components", _fit_size.gmm_components(n))
+        else:
+            components = self.n_components
+        if n < components:
+            raise DetectorError(f"{self.name}: {n} ID features for {components} components")
+        if self.pca_dim == "auto":
+            pca_dim = _fit_size.record(self, "pca_dim", _fit_size.gmm_pca_dim(n, components))
+        else:
+            pca_dim = self.pca_dim
         centre = g.mean(x)
-        if self.pca_dim is not None and self.pca_dim < x.shape[1]:
+        if pca_dim is not None and pca_dim < x.shape[1]:
             vals, vecs = torch.linalg.eigh(g.covariance(x, centre))
-            projection = vecs[:, torch.argsort(vals, descending=True)[: self.pca_dim]]
+            projection = vecs[:, torch.argsort(vals, descending=True)[:pca_dim]]
         else:
             projection = torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
         z = (
@@ -119,7 +148,7 @@ class GMM(FeatureField, Detector):
             .numpy()
         )
         gm = GaussianMixture(
-            n_components=self.n_components,
+            n_components=components,
             covariance_type=self.covariance_type,
             random_state=self.seed,
             max_iter=self.max_iter,

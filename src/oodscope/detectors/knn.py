@@ -5,10 +5,14 @@ Sun, Ming, Zhu & Li, "Out-of-Distribution Detection with Deep Nearest Neighbors"
 Score: ``|| z/||z|| - z_(k)/||z_(k)|| ||_2`` — Euclidean distance from the L2-normalised feature to
 its k-th nearest neighbour in the bank of L2-normalised ID features (the paper thresholds the
 negative distance; this is higher = more OOD).
-Defaults: ``k=50`` (paper's CIFAR-10 setting; OpenOOD v1.5 ``knn.yml``), ``subsample=1.0`` (the
-paper's alpha = 100%). For ImageNet-1k the paper and its code use ``k=1000`` with alpha = 100%;
-the paper also studies keeping a random fraction alpha of the training set, which shrinks the
-bank (scale ``k`` down with it).
+Defaults: ``k=None`` — a rule of the bank size ``n`` (fit images kept after ``subsample``):
+``k = min(50, max(1, n // 100))``: 1 at n = 100, 10 at n = 1,000, and the paper's CIFAR-10 value 50
+(OpenOOD v1.5 ``knn.yml``) from n = 5,000 on. Source: the paper scales k with the fraction alpha of
+the training set kept in the bank (ImageNet-1k: k = 1,000 at alpha = 100%, k = 10 at alpha = 1%;
+CIFAR-10: k = 50 on 50,000 images). On a 100-image bank k = 50 is half the bank and can score at or below
+chance (see ``docs/fit_size_defaults.md``). The chosen k is recorded in ``fit_info_["auto"]["k"]``
+(:mod:`oodscope.detectors._fit_size`); an explicit ``k`` always wins and is not recorded there.
+``subsample=1.0`` (the paper's alpha = 100%).
 ``index``: ``"exact"`` (FAISS ``IndexFlatL2``, or pure torch without faiss), ``"approximate"``
 (FAISS IVF or HNSW, configured by ``index_params``; see :mod:`oodscope.detectors._neighbors`) or
 ``"torch"`` (exact, on the device of the features). ``seed`` drives the alpha subsampling.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from oodscope.detectors import _fit_size
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors._neighbors import NeighborIndex, bank_rows, check_search_params, l2_normalize
 from oodscope.detectors.base import Detector, register
@@ -35,7 +40,7 @@ class KNN(FeatureField, Detector):
 
     def __init__(
         self,
-        k: int = 50,
+        k: int | None = None,
         feature: str = "auto",
         subsample: float = 1.0,
         seed: int = 0,
@@ -57,8 +62,14 @@ class KNN(FeatureField, Detector):
         self._record_fields()
         x = inputs["x"]
         keep = bank_rows(len(x), self.k, self.subsample, self.seed, self.name)
+        if self.k is None:
+            _fit_size.record(self, "k", _fit_size.knn_k(len(keep)))
         self.state_["bank"] = l2_normalize(x[torch.as_tensor(keep, device=x.device)].to(torch.float32))
         self._search = None
+
+    def neighbours(self) -> int:
+        """The k used at score time: the parameter, or the value its rule chose at fit time."""
+        return self.k if self.k is not None else int(self.fit_info_[_fit_size.AUTO_KEY]["k"])
 
     def _index(self) -> NeighborIndex:
         bank = self.state_["bank"]
@@ -71,5 +82,5 @@ class KNN(FeatureField, Detector):
     def _score(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         x = inputs["x"]
         self._check_width(x, self.state_["bank"].shape[1])
-        sq, _ = self._index().search(l2_normalize(x.to(torch.float32)), self.k)
+        sq, _ = self._index().search(l2_normalize(x.to(torch.float32)), self.neighbours())
         return sq[:, -1].clamp_min(0.0).sqrt()

@@ -16,16 +16,22 @@ perturbation. Results therefore differ from the paper's tuned ensemble; pass ``w
 have your own (e.g. fitted on held-out data). The ID statistics are measured on the fitting data
 itself, where distances are slightly optimistic; this shifts every layer in the same direction.
 Defaults: all layers the backbone exposes (sorted by name), ``weights=None`` (all 1),
-``shrinkage=0``, ``rcond=None`` (``D * eps``).
+``rcond=None`` (``D * eps``), and ``shrinkage=None``: the rule of ``mahalanobis``, layer by layer —
+0 (the paper's plain estimate) for a layer of width ``d`` while ``n - C >= d`` (``n`` fit images,
+``C`` classes), otherwise the Ledoit-Wolf intensity of that layer's within-class deviations. The
+chosen values are recorded in ``fit_info_["auto"]["shrinkage"]`` (layer name -> value); an explicit
+``shrinkage`` always wins and applies to every layer.
 """
 
 from __future__ import annotations
 
 import torch
 
+from oodscope.detectors import _fit_size
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors.base import Detector, DetectorError, register
 from oodscope.detectors.kinds import DetectorKind
+from oodscope.detectors.mahalanobis import check_shrinkage
 
 
 @register
@@ -40,7 +46,7 @@ class MultiLayerMahalanobis(Detector):
         self,
         layers: list[str] | None = None,
         weights: list[float] | None = None,
-        shrinkage: float = 0.0,
+        shrinkage: float | None = None,
         rcond: float | None = None,
     ) -> None:
         super().__init__()
@@ -52,8 +58,7 @@ class MultiLayerMahalanobis(Detector):
             raise DetectorError(f"{self.name}: layers must be a non-empty list of distinct names")
         if weights is not None and layers is not None and len(weights) != len(layers):
             raise DetectorError(f"{self.name}: {len(weights)} weights for {len(layers)} layers")
-        if not 0.0 <= shrinkage <= 1.0:
-            raise DetectorError(f"{self.name}: shrinkage must be in [0, 1], got {shrinkage}")
+        check_shrinkage(shrinkage, self.name)
 
     def _pick(self, layers: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
         missing = [n for n in names if n not in layers]
@@ -76,11 +81,14 @@ class MultiLayerMahalanobis(Detector):
         if self.weights is not None and len(self.weights) != len(names):
             raise DetectorError(f"{self.name}: {len(self.weights)} weights for {len(names)} layers {names}")
         stats = []
+        auto = self.shrinkage is None
+        chosen = {}
         for i, x in enumerate(self._pick(inputs["layers"], names)):
             model = g.fit_tied_classes(
                 g.check_matrix(x, self.name, f"layer {names[i]!r}"), labels, self.shrinkage, self.rcond
             )
-            caution = g.few_samples_caution(*x.shape, self.shrinkage, len(model.means))
+            chosen[names[i]] = model.shrinkage
+            caution = g.few_samples_caution(*x.shape, model.shrinkage, len(model.means), auto=auto)
             if caution:
                 self._caution(f"layer {names[i]!r}: {caution}")
             self.state_[f"means.{i}"] = model.means
@@ -89,6 +97,8 @@ class MultiLayerMahalanobis(Detector):
             sd = float(s.std(unbiased=False))
             stats.append([float(s.mean()), sd if sd > 0 else 1.0])
         self.fit_info_["layers"] = names
+        if auto:
+            _fit_size.record(self, "shrinkage", chosen)
         self.fit_info_["id_mean_std"] = stats
 
     def _score(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,11 +6,15 @@ Fit: a bank of ID features ``z_i / ||z_i||`` each scaled by its energy confidenc
 ``c_i = logsumexp(logits_i)`` (a random fraction ``subsample`` of the ID set). Score:
 ``-(c(x) * mean_{top-k} <x/||x||, c_i z_i/||z_i||>)`` — the guidance is the mean inner product with
 the k bank entries of largest inner product; the paper's (ID) score is the product, negated here.
-Defaults: ``k=10`` (the authors' code, ``configs/detector/nnguide.yaml``; OpenOOD v1.5
-``nnguide.yml`` uses K=100); ``subsample=1.0`` — the authors' code (``bankset_ratio=0.01``) and
+Defaults: ``k=None`` — a rule of the bank size ``n`` (fit images kept after ``subsample``):
+``k = min(10, max(1, n // 100))``, so 1 at n = 100 and the authors' k = 10 (their code,
+``configs/detector/nnguide.yaml``; OpenOOD v1.5 ``nnguide.yml`` uses K=100) from n = 1,000 on — the
+same scaling of k with the bank as KNN's (Sun et al., ICML 2022), capped at the authors' value, which
+they set for a bank of about 12.8k features. The chosen k is recorded in ``fit_info_["auto"]["k"]``;
+an explicit ``k`` always wins. ``subsample=1.0`` — the authors' code (``bankset_ratio=0.01``) and
 OpenOOD (``alpha: 0.01``) keep 1% of the ImageNet-1k training set (about 12.8k features); for the
-typically smaller ID sets given to ``fit`` we keep them all by default, so set ``subsample=0.01``
-to reproduce the ImageNet protocol. ``seed`` drives
+typically smaller ID sets given to ``fit`` we keep them all by default (a bank no larger than the
+authors'), so set ``subsample=0.01`` to reproduce the ImageNet protocol. ``seed`` drives
 that subsampling; ``index`` / ``index_params`` choose the search back-end (inner-product metric,
 see :mod:`oodscope.detectors._neighbors`).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from oodscope.detectors import _fit_size
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors._neighbors import NeighborIndex, bank_rows, check_search_params, l2_normalize
 from oodscope.detectors.base import Detector, register
@@ -36,7 +41,7 @@ class NNGuide(FeatureField, Detector):
 
     def __init__(
         self,
-        k: int = 10,
+        k: int | None = None,
         subsample: float = 1.0,
         seed: int = 0,
         feature: str = "penultimate",
@@ -58,10 +63,16 @@ class NNGuide(FeatureField, Detector):
         self._record_fields()
         x = inputs["x"]
         keep = torch.as_tensor(bank_rows(len(x), self.k, self.subsample, self.seed, self.name), device=x.device)
+        if self.k is None:
+            _fit_size.record(self, "k", _fit_size.nnguide_k(len(keep)))
         confidence = torch.logsumexp(inputs["logits"][keep].to(torch.float64), dim=1)
         bank = l2_normalize(x[keep].to(torch.float64)) * confidence[:, None]
         self.state_["bank"] = bank.to(torch.float32)
         self._search = None
+
+    def neighbours(self) -> int:
+        """The k used at score time: the parameter, or the value its rule chose at fit time."""
+        return self.k if self.k is not None else int(self.fit_info_[_fit_size.AUTO_KEY]["k"])
 
     def _index(self) -> NeighborIndex:
         bank = self.state_["bank"]
@@ -73,7 +84,7 @@ class NNGuide(FeatureField, Detector):
     def _score(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         x = inputs["x"]
         self._check_width(x, self.state_["bank"].shape[1])
-        sims, _ = self._index().search(l2_normalize(x.to(torch.float32)), self.k)
+        sims, _ = self._index().search(l2_normalize(x.to(torch.float32)), self.neighbours())
         guidance = sims.to(torch.float64).mean(dim=1)
         confidence = torch.logsumexp(inputs["logits"].to(torch.float64), dim=1)
         return -(confidence * guidance)

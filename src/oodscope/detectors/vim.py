@@ -8,19 +8,27 @@ projected onto P-perp||``; ``alpha = mean_i max_c logit_ic / mean_i r(x_i)`` ove
 Score: ``alpha * r(x) - logsumexp(W x + b)`` — the log-odds of the virtual class in the paper's
 softmax over ``[logits, alpha * r(x)]`` (monotone in its probability; the paper's ID score is the
 negative).
-Defaults: ``dim=None`` picks the official code's rule: 1000 if the feature width is >= 2048, 512 if
-it is >= 768, else width // 2 (the paper uses D=1000 for 2048-d ResNet/BiT and 512 for 768-d ViT-B;
-OpenOOD v1.5 ``vim.yml`` uses 256 for its CIFAR ResNet-18 and sweeps [256, 1000]).
+Defaults: ``dim=None`` is a rule of the feature width ``d`` and the number of fit images ``n``:
+``dim = min(w(d), max(1, n // 2))`` where ``w(d)`` is the official code's width rule — 1000 if
+``d >= 2048``, 512 if ``d >= 768``, else ``d // 2`` (the paper uses D=1000 for 2048-d ResNet/BiT and
+512 for 768-d ViT-B; OpenOOD v1.5 ``vim.yml`` uses 256 for its CIFAR ResNet-18 and sweeps
+[256, 1000]). The cap ``n // 2`` keeps the subspace below the fit set (half of the fit images' span
+is left to the residual), so 1,280-d EfficientNet features give dim = 50 / 500 / 512 at
+n = 100 / 1,000 / 6,000 — the width rule alone from n = 2 w(d) on. The chosen dim is recorded in
+``fit_info_["auto"]["dim"]`` (:mod:`oodscope.detectors._fit_size`) and, as for an explicit one, in
+``fit_info_["dim"]``.
 Needs ``penultimate`` and ``weight`` (``bias`` is used when the backbone gives one, otherwise
 zero, i.e. ``u = 0``). ``feature="embedding"`` is allowed when ``weight`` maps embeddings to logits.
 Fitting needs more images than ``dim`` (otherwise every fit image lies in P and the residual scale
-is rounding noise): a smaller fit set is an error that names the largest usable ``dim``.
+is rounding noise): an explicit ``dim`` that is not smaller than the fit set is an error that names
+the largest usable ``dim``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from oodscope.detectors import _fit_size
 from oodscope.detectors import _gaussian as g
 from oodscope.detectors._feature_select import FeatureField
 from oodscope.detectors.base import Detector, DetectorError, register
@@ -74,7 +82,10 @@ class ViM(FeatureField, Detector):
         x = g.check_matrix(inputs["x"], self.name)
         w, b = self._head(inputs)
         width = x.shape[1]
-        dim = self.dim if self.dim is not None else default_dim(width)
+        if self.dim is None:
+            dim = _fit_size.record(self, "dim", _fit_size.vim_dim(default_dim(width), len(x)))
+        else:
+            dim = self.dim
         if not 1 <= dim < width:
             raise DetectorError(
                 f"{self.name}: dim must be in [1, {width - 1}] for {width}-d features, got {dim}"
@@ -84,7 +95,8 @@ class ViM(FeatureField, Detector):
             # alpha (mean max-logit / mean residual) explodes, so the score would be noise too.
             raise DetectorError(
                 f"{self.name}: the principal subspace (dim={dim}) must be smaller than the number of fit "
-                f"images ({len(x)}); fit on more than {dim} images or pass dim < {len(x)} (e.g. dim={len(x) // 2})"
+                f"images ({len(x)}); fit on more than {dim} images or pass dim < {len(x)} (e.g. dim={len(x) // 2}; "
+                f"dim=None would choose {_fit_size.vim_dim(default_dim(width), len(x))})"
             )
         u = -(torch.linalg.pinv(w) @ b)
         vals, vecs = torch.linalg.eigh(g.covariance(x, u))

@@ -50,6 +50,7 @@ from oodscope.backbones import Features
 from oodscope.backbones import create as create_backbone
 from oodscope.backbones.preprocess import preprocess
 from oodscope.detectors import create, registered
+from oodscope.detectors.fitting import fit_detector
 from oodscope.features.extract import extract
 from oodscope.io import Subset, fashion_mnist
 
@@ -129,12 +130,10 @@ def synthetic_sets(n: int, noise: float, seed: int, cache: Path, with_layers: bo
 
 def time_feature_detector(name: str, fit: Features, labels: np.ndarray | None, score: Features
                           ) -> tuple[Clock, Clock]:
-    cls = registered()[name]
     params = {"class_weights": [1.0] * fit.logits.shape[1]} if name == "weighted_energy" else {}
     detector = create(name, **params)
     with Clock() as fit_clock:
-        if cls.needs_fit:
-            detector.fit(fit, labels if cls.needs_labels else None)
+        fit_detector(detector, fit, labels)
     detector.score(score.subset(slice(0, 256)))  # first-call overheads (allocations, faiss threads)
     with Clock() as score_clock:
         scores = detector.score(score)

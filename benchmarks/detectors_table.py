@@ -23,7 +23,7 @@ What it does (protocol in ``benchmarks/common.py``):
    same subsample plus a fit set of the first ``--layers-fit-per-class`` images per ID class. Every
    feature-based method of the full table is scored on the same subsample too, so the numbers compare.
 
-Zero-shot detectors (``needs_text_encoder``) need a vision-language backbone and are not run;
+Zero-shot detectors (their kind needs a text encoder) need a vision-language backbone and are not run;
 ``weighted_energy`` needs class weights learned while training the network (VOS) and is listed as
 not applicable post-hoc.
 """
@@ -49,8 +49,9 @@ from common import DEFAULT_CACHE, ProtocolFeatures, load_features, sources
 from oodscope.backbones import Features
 from oodscope.backbones import create as create_backbone
 from oodscope.backbones.preprocess import preprocess
-from oodscope.detectors import create, registered
-from oodscope.detectors.base import Detector, DetectorError
+from oodscope.detectors import create, fitting, registered
+from oodscope.detectors.base import Detector, DetectorError, parameters
+from oodscope.detectors.fitting import class_needs
 from oodscope.evaluation.metrics import ood_metrics
 from oodscope.evaluation.tune import default_grid, tune
 from oodscope.features.extract import extract
@@ -94,19 +95,16 @@ class Plan:
 def plan_methods() -> Plan:
     plan = Plan()
     for name, cls in registered().items():
-        required = [
-            p.name for p in inspect.signature(cls.__init__).parameters.values()
-            if p.name != "self" and p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        ]
-        if getattr(cls, "needs_text_encoder", False):
+        required = [k for k, v in parameters(cls).items() if v is inspect.Parameter.empty]
+        needs = class_needs(cls)
+        if needs.text_encoder:
             plan.not_run[name] = (
                 "vision-language (zero-/few-shot) method: needs a text encoder for the class names; "
                 "EfficientNet-Lite0 has no text side"
             )
         elif name in NOT_POST_HOC:
             plan.not_run[name] = NOT_POST_HOC[name]
-        elif "model" in cls.requires:
+        elif needs.model:
             plan.model.append(name)
         elif required:
             plan.not_run[name] = f"has required parameters without defaults: {required}"
@@ -137,8 +135,7 @@ class Run:
 
 
 def fit_labels_for(name: str, fit: Features, labels: np.ndarray) -> np.ndarray | None:
-    cls = registered()[name]
-    if not cls.needs_labels:
+    if not class_needs(name).labels:
         return None
     if name in LABELS_FROM_CLASSIFIER:
         return np.asarray(fit.logits).argmax(axis=1)
@@ -148,8 +145,7 @@ def fit_labels_for(name: str, fit: Features, labels: np.ndarray) -> np.ndarray |
 def fit_detector(name: str, params: dict[str, Any], fit: Features, labels: np.ndarray) -> tuple[Detector, float]:
     detector = create(name, **params)
     started = time.perf_counter()
-    if registered()[name].needs_fit:
-        detector.fit(fit, fit_labels_for(name, fit, labels))
+    fitting.fit_detector(detector, fit, fit_labels_for(name, fit, labels))
     return detector, time.perf_counter() - started
 
 

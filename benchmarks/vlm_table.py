@@ -71,6 +71,7 @@ from oodscope.backbones import Features
 from oodscope.backbones import create as create_backbone
 from oodscope.detectors import create
 from oodscope.detectors.base import Detector, DetectorError
+from oodscope.detectors.fitting import fit_detector
 from oodscope.evaluation.metrics import id_accuracy, ood_metrics
 from oodscope.features.extract import extract
 from oodscope.io import Subset
@@ -361,14 +362,12 @@ def run_few_shot(vlm, sets, fit_labels, test_labels, names, text_cache, settings
             started = time.perf_counter()
             for label, name, params in few_shot_methods(names, few):
                 det = create(name, **params)
-                kwargs: dict[str, Any] = {}
-                if getattr(det, "needs_text_encoder", False):
-                    kwargs = {"text_encoder": vlm, "cache": text_cache}
+                kwargs: dict[str, Any] = {"text_encoder": vlm, "cache": text_cache}
                 if name == "score_ensemble":
                     kwargs["calibration"] = calibration
                 row = rows.setdefault((label, setting), Result("few-shot", label, setting))
                 try:
-                    det.fit(fit_feats, y if det.needs_labels else None, **kwargs)
+                    fit_detector(det, fit_feats, y, **kwargs)
                 except DetectorError as err:
                     # Mahalanobis / relative Mahalanobis with one image per class: the within-class
                     # covariance is zero, so the distance is undefined.

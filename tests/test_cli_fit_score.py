@@ -149,7 +149,7 @@ def test_info_and_save_load_identity(data, knn_model, capsys):
     code, out, _ = run_cli(["info", knn_model, "--json"], capsys)
     assert code == 0 and json.loads(out) == config
     code, _, err = run_cli(["info", data / "id"], capsys)
-    assert code == 1 and "not a saved oodscope model" in err
+    assert code == 2 and "not a saved oodscope model" in err  # a bad argument
 
     code, out, _ = run_cli(["score", knn_model, data / "mixed", "--format", "jsonl", "--workers", "0"], capsys)
     loaded = OODModel.load(knn_model, num_workers=0, progress=False)
@@ -193,11 +193,11 @@ def test_zero_shot_fit_with_class_names(data, capsys):
 def test_fit_refuses_bad_combinations(data, capsys):
     base = ["fit", "--backbone", "effnet-lite0", "--workers", "0", "-o", data / "never"]
     code, _, err = run_cli(base + ["--method", "knn", "--classes", "a,b"], capsys)
-    assert code == 1 and "--classes is for zero-shot" in err
+    assert code == 2 and "--classes is for zero-shot" in err
     code, _, err = run_cli(base + ["--method", "knn", "--id-dir", data / "id", "--alpha", "0.01",
                                    "--param", "k=3"], capsys)
-    assert code == 1 and "at least 99" in err
+    assert code == 2 and "at least 99" in err  # refused before extraction: 45 images, 24 would calibrate
     code, _, err = run_cli(["fit", "--backbone", "conse:effnet-lite0", "--method", "mcm", "--classes", "a,b",
                             "--id-dir", data / "id", "--calibration-fraction", "0.3", "-o", data / "never"], capsys)
-    assert code == 1 and "drop --calibration-fraction" in err
+    assert code == 2 and "drop --calibration-fraction" in err
     assert not (data / "never").exists()

@@ -29,30 +29,66 @@ class BenchConfig:
     ``fashion-mnist/test`` or ``textiles/local``, paths, or ImageSource objects); backbones are spec
     strings or backbone objects."""
 
-    backbones: list[Any] = field(default_factory=list)
+    # ``metadata`` is the command line's definition of each key (``oodscope bench`` builds its flags from
+    # it): ``flag``, ``help``, and optionally ``metavar``, ``choices``, ``min`` (smallest value),
+    # ``repeat`` (the flag may be given several times; it adds to the list), ``negate`` (a flag that
+    # sets a boolean key to False) and ``syntax`` ("names": a,b,c or @FILE; "json"; "ood": an OOD set).
+    backbones: list[Any] = field(default_factory=list, metadata={
+        "flag": "--backbone", "metavar": "B", "repeat": True,
+        "help": "backbone spec (repeatable; added to a --config file's list), e.g. effnet-lite0, conse:effnet-lite0"})
     #: Names, "all", or per backbone: ``{"effnet-lite0": ["msp", "vim"], "conse:effnet-lite0": ["mcm"]}``.
-    detectors: list[str] | str | dict[str, list[str] | str] = "all"
-    detector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    id: Any = None
-    id_fit: Any = None
-    ood: list[OODSet] = field(default_factory=list)
-    benchmark: str | None = None
-    classes: list[str] | None = None
-    limit: int | None = None
-    fit_limit: int | None = None
-    output: str | os.PathLike = "bench-results"
-    cache_dir: str | os.PathLike | None = None
-    stream: bool = False
-    stream_batch: int = 4096
-    batch_size: int = 64
-    num_workers: int | None = None
-    device: str | None = None
+    detectors: list[str] | str | dict[str, list[str] | str] = field(default="all", metadata={
+        "flag": "--detectors", "metavar": "NAMES",
+        "help": "comma-separated detector names, or 'all' (`oodscope detectors` lists them)"})
+    detector_params: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "flag": "--params", "metavar": "JSON", "syntax": "json",
+        "help": 'detector parameters by detector name, as JSON: \'{"knn": {"k": 10}}\''})
+    id: Any = field(default=None, metadata={"flag": "--id", "metavar": "DATA", "help": "ID test set"})
+    id_fit: Any = field(default=None, metadata={
+        "flag": "--id-fit", "metavar": "DATA", "help": "ID set the detectors are fitted on"})
+    ood: list[OODSet] = field(default_factory=list, metadata={
+        "flag": "--ood", "metavar": "[near:|far:]NAME=DATA", "repeat": True, "syntax": "ood",
+        "help": "an OOD set (repeatable), tagged near or far for the averages"})
+    benchmark: str | None = field(default=None, metadata={
+        "flag": "--benchmark", "metavar": "NAME",
+        "help": "a registered protocol, e.g. fashion-mnist-ood, openood-v1.5/cifar10, clip-zero-shot/imagenet-1k "
+        "(fills --id, --id-fit, --ood, --classes)"})
+    classes: list[str] | None = field(default=None, metadata={
+        "flag": "--classes", "metavar": "NAMES", "syntax": "names",
+        "help": "ID class names for zero-shot detectors (default: the ID set's class names)"})
+    limit: int | None = field(default=None, metadata={
+        "flag": "--limit", "metavar": "N", "min": 1, "help": "at most N images per set, spread evenly through it"})
+    fit_limit: int | None = field(default=None, metadata={
+        "flag": "--fit-limit", "metavar": "N", "min": 1, "help": "at most N images in the fit set (default: --limit)"})
+    output: str | os.PathLike = field(default="bench-results", metadata={
+        "flag": ("-o", "--output"), "metavar": "DIR", "help": "output directory"})
+    cache_dir: str | os.PathLike | None = field(default=None, metadata={
+        "flag": "--cache", "metavar": "DIR",
+        "help": "feature cache (default $OODSCOPE_CACHE or ~/.cache/oodscope/features)"})
+    stream: bool = field(default=False, metadata={
+        "flag": "--stream", "help": "score from the cache in batches (flat memory)"})
+    stream_batch: int = field(default=4096, metadata={
+        "flag": "--stream-batch", "metavar": "N", "min": 1, "help": "rows per batch with --stream"})
+    batch_size: int = field(default=64, metadata={
+        "flag": "--batch-size", "metavar": "N", "min": 1, "help": "images per forward pass"})
+    num_workers: int | None = field(default=None, metadata={
+        "flag": "--workers", "metavar": "N", "min": 0, "help": "DataLoader worker processes"})
+    device: str | None = field(default=None, metadata={
+        "flag": "--device", "help": "torch device (default: cuda if available, else cpu)"})
     backbone_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    model_based: bool = False
-    model_batch_size: int = 32
-    id_accuracy: str = "auto"  # "auto" | "probe" | "off"
-    report: bool = True
-    progress: bool = True
+    model_based: bool = field(default=False, metadata={
+        "flag": "--model-based", "help": "also run ODIN / GradNorm / RankFeat (slow)"})
+    model_batch_size: int = field(default=32, metadata={
+        "flag": "--model-batch-size", "metavar": "N", "min": 1,
+        "help": "images per batch for the model-in-the-loop detectors"})
+    id_accuracy: str = field(default="auto", metadata={
+        "flag": "--id-accuracy", "choices": ("auto", "probe", "off"),
+        "help": "ID accuracy: auto (a detector's or the backbone's own predictions, else a linear probe), "
+        "probe (always the linear probe), off"})
+    #: Read by the layer above (oodscope bench, the demo): write report.html from the results.
+    report: bool = field(default=True, metadata={
+        "flag": "--no-report", "negate": True, "help": "do not write report.html"})
+    progress: bool = field(default=True, metadata={"flag": "--quiet", "negate": True, "help": "no progress output"})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BenchConfig:

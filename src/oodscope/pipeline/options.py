@@ -1,9 +1,8 @@
 """The settings of an :class:`~oodscope.pipeline.model.OODModel`, defined once.
 
 ``oodscope fit`` / ``oodscope score`` build their options from :data:`MODEL_OPTIONS` (flag, type,
-default, choices, range, help); a test checks every default against the signature of
-:class:`~oodscope.pipeline.model.OODModel` (``OODModel.__init__``, or ``OODModel.fit`` for
-``target="fit"``), so the command line and the Python API cannot drift apart.
+default, choices, range, help); a test checks every default and choice against
+``OODModel.__init__``, so the command line and the Python API cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,20 +12,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from oodscope.pipeline.model import DEFAULT_CALIBRATION_FRACTION, HEADS, SET_METHODS
+from oodscope.pipeline.fitting import HEADS, SET_METHODS
+from oodscope.pipeline.model import DEFAULT_CALIBRATION_FRACTION
 
 __all__ = ["MODEL_OPTIONS", "ModelOption", "model_option"]
 
 
 @dataclass(frozen=True)
 class ModelOption:
-    """One setting: the keyword of OODModel, its command-line flag and how a value is checked.
-
-    ``target``: ``"init"`` (a keyword of ``OODModel.__init__``), ``"fit"`` (of ``OODModel.fit``; its
-    signature default is None and ``default`` is what None means). ``choices`` may hold None (shown
-    as ``none``). ``low`` / ``high``: the allowed range; ``open_range``: the bounds themselves are
-    not allowed.
-    """
+    """One setting: the keyword ``name`` of ``OODModel.__init__``, its command-line flag and how a
+    value is checked. ``choices`` may hold None (shown as ``none``). ``low`` / ``high``: the allowed
+    range; ``open_range``: the bounds themselves are not allowed."""
 
     name: str
     flag: str
@@ -38,28 +34,35 @@ class ModelOption:
     high: float | None = None
     open_range: bool = False
     optional: bool = False  #: None is a valid value (e.g. set_alpha: "the same as alpha")
-    target: str = "init"
 
     def check(self, value: Any) -> Any:
         """``value`` converted to :attr:`type` and checked; raises ValueError with a message for people."""
         if value is None and (self.optional or None in (self.choices or ())):
             return None
+        if self.choices is None:
+            try:
+                value = self.type(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.flag} must be {_article(self.type)}, got {value!r}") from None
+        problem = self.problem(value)
+        if problem:
+            raise ValueError(f"{self.flag} {problem}")
+        return value
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with an already converted ``value`` (``"must be in (0, 1), got 1.5"``), or None."""
+        if value is None and (self.optional or None in (self.choices or ())):
+            return None
         if self.choices is not None:
             if value not in self.choices:
                 shown = ", ".join(_show(c) for c in self.choices)
-                raise ValueError(f"{self.flag} must be one of {shown}, got {_show(value)}")
-            return value
-        try:
-            converted = self.type(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{self.flag} must be {_article(self.type)}, got {value!r}") from None
-        if self.type is int and isinstance(value, float) and not float(value).is_integer():
-            raise ValueError(f"{self.flag} must be a whole number, got {value!r}")
-        if isinstance(converted, float) and not math.isfinite(converted):
-            raise ValueError(f"{self.flag} must be a finite number, got {value!r}")
-        if not self.in_range(converted):
-            raise ValueError(f"{self.flag} must be {self.range_text()}, got {value!r}")
-        return converted
+                return f"must be one of {shown}, got {_show(value)}"
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        if not self.in_range(value):
+            return f"must be {self.range_text()}, got {value!r}"
+        return None
 
     def in_range(self, value: float) -> bool:
         if self.low is not None and (value < self.low or (self.open_range and value == self.low)):
@@ -89,8 +92,8 @@ MODEL_OPTIONS: tuple[ModelOption, ...] = (
                 "per-image level: an ID image is flagged OOD with probability <= alpha",
                 low=0.0, high=1.0, open_range=True),
     ModelOption("calibration_fraction", "--calibration-fraction", float, DEFAULT_CALIBRATION_FRACTION,
-                "fraction of --id-dir held out for calibration (stratified, seeded)",
-                low=0.0, high=1.0, open_range=True, target="fit"),
+                "fraction of --id-dir held out for calibration (stratified by class, seeded)",
+                low=0.0, high=1.0, open_range=True),
     ModelOption("prediction_sets", "--prediction-sets", str, "aps",
                 "conformal prediction sets over the ID classes", choices=(*SET_METHODS, None)),
     ModelOption("set_alpha", "--set-alpha", float, None,

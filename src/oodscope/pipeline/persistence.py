@@ -196,14 +196,17 @@ def _value(v: Any) -> str:
 
 
 def describe_summary(s: dict[str, Any]) -> str:
-    """Human-readable text of a model summary (or of a saved ``model.json``); never prints ``None``."""
-    bb = s["backbone"]
+    """Human-readable text of a model summary (or of a saved ``model.json``, fields may be missing);
+    never prints ``None``."""
+    bb = s.get("backbone") or {}
     params = {k: v for k, v in (s.get("method_params") or {}).items() if k != "classes" and v is not None}
     kind = s.get("kind")
+    alpha = s.get("alpha")
+    at_alpha = f"alpha = {alpha:g}" if isinstance(alpha, int | float) else "alpha"
     lines = [
         f"backbone       {bb.get('id') or bb.get('spec') or 'a backbone object'}"
         + (f" (weights fingerprint {bb['fingerprint']})" if bb.get("fingerprint") else ""),
-        f"method         {s['method']} {json.dumps(params, sort_keys=True)}"
+        f"method         {s.get('method') or 'unknown'} {json.dumps(params, sort_keys=True)}"
         + (f"  [{kind.replace('_', '-')}]" if kind else ("  [zero-shot]" if s.get("zero_shot") else "")),
     ]
     choices = s.get("fit_choices")
@@ -212,25 +215,39 @@ def describe_summary(s: dict[str, Any]) -> str:
         lines.append(f"chosen at fit  {shown} (default rules for the fit-set size; an explicit value wins)")
     classes = s.get("classes")
     if classes:
-        shown = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
+        shown = ", ".join(map(str, classes[:20])) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
         lines.append(f"ID classes     {shown}")
     lines.append(f"class head     {s.get('head_description') or 'none'}")
     fit = s.get("fit") or {}
-    lines.append(f"fit set        {fit.get('n', 0)} image(s) from {fit.get('source') or 'nothing yet'}"
-                 + (f" ({fit['failed']} unreadable, skipped)" if fit.get("failed") else ""))
+    if not fit.get("n") and fit.get("source") == "class names only":
+        lines.append("fit set        none: the detector is built from the class names alone")
+    else:
+        lines.append(f"fit set        {fit.get('n') or 0} image(s) from {fit.get('source') or 'nothing yet'}"
+                     + (f" ({fit['failed']} unreadable, skipped)" if fit.get("failed") else ""))
     cal = s.get("calibration")
-    if cal and s.get("threshold"):
-        lines.append(f"calibration    {cal['n']} held-out ID image(s) from {cal['source']}"
+    threshold = _threshold_lines(s.get("threshold"), alpha) if cal else None
+    if cal and threshold:
+        lines.append(f"calibration    {cal.get('n') or 0} held-out ID image(s) from {cal.get('source') or 'unknown'}"
                      + (f" ({cal['failed']} unreadable, skipped)" if cal.get("failed") else ""))
-        lines.extend(_format_threshold(Threshold.from_dict(s["threshold"]), s["alpha"]))
+        lines.extend(threshold)
         sets = s.get("prediction_sets")
-        if sets:
-            lines.append(f"prediction sets {sets['method'].upper()} at set_alpha = {sets['alpha']:g} (q-hat = "
+        if sets and all(sets.get(k) is not None for k in ("method", "alpha", "qhat", "n")):
+            lines.append(f"prediction sets {str(sets['method']).upper()} at set_alpha = {sets['alpha']:g} (q-hat = "
                          f"{sets['qhat']:.6g}, {sets['n']} labelled calibration images); empty when flagged OOD")
     else:
         lines.append(f"calibration    none yet: the model gives scores only; p-values and OOD decisions at "
-                     f"alpha = {s['alpha']:g} need held-out ID images (calibrate / --calibration-dir)")
+                     f"{at_alpha} need held-out ID images (calibrate / --calibration-dir)")
     lines.extend(f"note           {n}" for n in s.get("notes") or [])
     lines.append(f"created        {s.get('created') or 'not saved yet'} with oodscope "
                  f"{s.get('oodscope_version') or 'unknown version'}")
     return "\n".join(lines)
+
+
+def _threshold_lines(threshold: Any, alpha: Any) -> list[str] | None:
+    """The threshold's lines, or None when ``model.json`` holds no readable threshold."""
+    if not threshold or not isinstance(alpha, int | float):
+        return None
+    try:
+        return _format_threshold(Threshold.from_dict(threshold), alpha)
+    except (KeyError, TypeError, ValueError):
+        return None

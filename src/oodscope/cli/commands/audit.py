@@ -3,10 +3,16 @@
 ``prompts``: re-run a zero-shot detector with many phrasings of the ID prompts (image features are
 extracted once) and report the AUROC / FPR@95 spread across phrasings. ``corruptions``: corrupt ID
 and/or OOD images (ImageNet-C style, severities 0-5) and report each detector's AUROC by severity.
-Both write ``audit.json``, CSV tables and a PNG plot into ``-o DIR`` and print a summary table.
-DATA is what ``oodscope extract`` takes, a registered data-set name (``fashion-mnist-ood/id``,
-``fashion-mnist-ood/near``, ``digits``, ``textiles``, ...; see :mod:`oodscope.io.registry`), or
-``fashion-mnist-ood:id`` / ``fashion-mnist-ood:near`` (``…:id:train`` for training images).
+Both write ``audit.json``, CSV tables and a PNG plot into ``-o DIR`` and print a summary table
+(a directory holding an earlier ``audit.json`` is written into, both audits can share one; any
+other non-empty directory is refused unless ``--overwrite``). DATA is a data spec of
+:func:`oodscope.io.resolve_images`: a folder, a list file, or a registered data set name
+(``fashion-mnist-ood/id``, ``fashion-mnist-ood/id-fit``, ``fashion-mnist-ood/near``, ``digits``,
+``textiles``, ...; ``oodscope datasets list``).
+
+Exit codes: 0 = done; 2 = bad arguments, refused before any image is read (unknown detector,
+backbone, corruption or data, a missing path, an invalid value, a detector that cannot run on the
+backbone or without ``--fit``); 1 = the work failed.
 """
 
 from __future__ import annotations
@@ -16,11 +22,30 @@ import json
 import sys
 from pathlib import Path
 
-from oodscope.cli.commands._common import add_backbone_options, default_cache_dir
+from oodscope.cli.commands._common import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    add_backbone_options,
+    add_classes_option,
+    add_max_pixels_option,
+    add_overwrite_option,
+    check_detector_params,
+    check_output,
+    checking,
+    counted,
+    default_cache_dir,
+    open_images,
+)
+
+HELP = "robustness audits: prompt sensitivity, image corruptions"
+#: What an earlier audit leaves in its output directory (written into without --overwrite).
+AUDIT_MARKERS = ("audit.json",)
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("audit", help="robustness audits: prompt sensitivity, image corruptions")
+    parser = sub.add_parser("audit", help=HELP, description=__doc__.split("\n\n")[0])
     audits = parser.add_subparsers(dest="audit", metavar="AUDIT")
 
     prompts = audits.add_parser("prompts", help="AUROC spread of a zero-shot detector across prompt phrasings")
@@ -42,7 +67,7 @@ def register(sub) -> None:
     corr.add_argument("--params", default=None,
                       help='JSON of detector parameters by detector name, e.g. \'{"knn": {"k": 10}}\'')
     corr.add_argument("--fit", default=None, metavar="DATA", help="clean ID images to fit non-zero-shot detectors on")
-    corr.add_argument("--fit-limit", type=int, default=None, help="a seeded random subset of N fit images")
+    corr.add_argument("--fit-limit", type=counted(1), default=None, help="a seeded random subset of N fit images")
     corr.add_argument("--corruptions", default="gaussian_noise,defocus_blur,fog,jpeg_compression",
                       help="comma-separated corruptions, or 'all' (see --list-corruptions)")
     corr.add_argument("--severities", default="0,1,3,5", help="comma-separated severities in 0..5 (default 0,1,3,5)")
@@ -57,18 +82,18 @@ def register(sub) -> None:
 
 def _no_audit(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
-    return 2
+    return EXIT_USAGE
 
 
 def _common_options(parser: argparse.ArgumentParser, default_backbone: str) -> None:
     parser.add_argument("--backbone", default=default_backbone, help=f"backbone spec (default {default_backbone})")
-    parser.add_argument("--classes", default=None,
-                        help="comma-separated ID class names (default: the ID data's class names)")
+    add_classes_option(parser, "ID class names (default: the ID data's class names)")
     parser.add_argument("--id", dest="id_data", required=False, metavar="DATA", help="in-distribution images")
     parser.add_argument("--ood", action="append", default=[], metavar="NAME=DATA",
                         help="an OOD set (repeatable); NAME= may be left out")
     parser.add_argument("-o", "--output", type=Path, required=False, help="output directory")
-    parser.add_argument("--limit", type=int, default=None,
+    add_overwrite_option(parser, "write into a directory that holds other files")
+    parser.add_argument("--limit", type=counted(1), default=None,
                         help="use a seeded random subset of at most N images of each set")
     parser.add_argument("--seed", type=int, default=0, help="seed of --limit subsets and corruptions (default 0)")
     parser.add_argument("--cache", type=Path, default=None,
@@ -76,32 +101,7 @@ def _common_options(parser: argparse.ArgumentParser, default_backbone: str) -> N
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_backbone_options(parser)
-
-
-def resolve_data(spec: str):
-    """A dataset from ``oodscope extract``'s DATA syntax, a registered data-set name
-    (:mod:`oodscope.io.registry`, e.g. ``fashion-mnist-ood/id``), or
-    ``fashion-mnist-ood:id|near[:train|test]``."""
-    from oodscope.cli.commands.extract import resolve_source
-
-    if not Path(spec).exists():
-        parts = spec.split(":")
-        if parts[0] == "fashion-mnist-ood":
-            from oodscope.io import fashion_mnist_ood
-
-            part = parts[1] if len(parts) > 1 else "id"
-            split = parts[2] if len(parts) > 2 else "test"
-            if part not in ("id", "near"):
-                raise SystemExit(f"oodscope audit: {spec}: use fashion-mnist-ood:id or fashion-mnist-ood:near")
-            data = fashion_mnist_ood(split)
-            return data.id if part == "id" else data.near_ood
-        try:
-            from oodscope.io import registry as datasets
-        except ImportError:
-            datasets = None
-        if datasets is not None and spec in {d.name for d in datasets.list_datasets()}:
-            return datasets.get_dataset(spec)
-    return resolve_source(spec)
+    add_max_pixels_option(parser)
 
 
 def _limited(source, limit: int | None, seed: int):
@@ -111,40 +111,53 @@ def _limited(source, limit: int | None, seed: int):
 
     if limit is None or limit >= len(source):
         return source
-    if limit < 1:
-        raise ValueError("--limit must be a positive number")
     picked = np.sort(np.random.default_rng(seed).choice(len(source), size=limit, replace=False))
     return Subset(source, picked)
 
 
 def _ood_sets(args) -> dict:
     if not args.ood:
-        raise SystemExit("oodscope audit: at least one --ood NAME=DATA is needed")
+        raise UsageError("at least one --ood NAME=DATA is needed")
     out = {}
     for item in args.ood:
         name, sep, data = item.partition("=")
         if not sep:
             name, data = Path(item).name or item, item
         if name in out:
-            raise SystemExit(f"oodscope audit: OOD set name {name!r} is given twice")
-        out[name] = _limited(resolve_data(data), args.limit, args.seed)
+            raise UsageError(f"OOD set name {name!r} is given twice")
+        out[name] = _limited(open_images(data, f"--ood {name}="), args.limit, args.seed)
     return out
 
 
 def _inputs(args):
-    if not args.id_data:
-        raise SystemExit("oodscope audit: --id DATA is needed")
-    if args.output is None:
-        raise SystemExit("oodscope audit: -o DIR is needed")
-    id_source = _limited(resolve_data(args.id_data), args.limit, args.seed)
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    return id_source, _ood_sets(args), classes
-
-
-def _backbone(args):
+    """ID images, OOD sets, the class names and the backbone, checked before any image is read."""
     from oodscope.backbones import create
 
-    return create(args.backbone, device=args.device)
+    if not args.id_data:
+        raise UsageError("--id DATA is needed")
+    if args.output is None:
+        raise UsageError("-o DIR is needed")
+    check_output(args.output, overwrite=args.overwrite, kind="dir", markers=AUDIT_MARKERS, what="the audit")
+    id_source = _limited(open_images(args.id_data, "--id"), args.limit, args.seed)
+    ood = _ood_sets(args)
+    classes = args.classes or (list(id_source.class_names) if id_source.class_names else None)
+    backbone = create(args.backbone, device=args.device)  # an unknown spec is refused here
+    return id_source, ood, classes, backbone
+
+
+def _check_runs(name: str, params: dict, classes, backbone, backbone_spec: str, *, fit: bool,
+                fit_labelled: bool) -> None:
+    """Refuse a detector that could not run: unknown parameters, no class names, no text encoder, no --fit."""
+    from oodscope.backbones.base import is_vision_language
+    from oodscope.detectors.fitting import build_detector, fit_problems
+
+    check_detector_params(name, params)
+    detector = build_detector(name, params, classes)
+    problems = fit_problems(detector, features=fit, labels=fit_labelled, text_encoder=is_vision_language(backbone),
+                            classifier=callable(getattr(backbone, "classifier_parts", None)))
+    if problems:
+        missing = " and ".join(p.replace("in-distribution features", "ID fit images (--fit DATA)") for p in problems)
+        raise UsageError(f"{name} ({detector.kind.label}) cannot run on {backbone_spec} here: it needs {missing}")
 
 
 def _maybe_report(output: Path) -> None:
@@ -169,7 +182,7 @@ def _synonyms(items: list[str]) -> dict[str, list[str]]:
             continue
         name, sep, names = item.partition("=")
         if not sep:
-            raise SystemExit(f"oodscope audit: --synonyms expects CLASS=NAME|NAME or a JSON file, got {item!r}")
+            raise UsageError(f"--synonyms expects CLASS=NAME|NAME or a JSON file, got {item!r}")
         out.setdefault(name.strip(), []).extend(n.strip() for n in names.split("|") if n.strip())
     return out
 
@@ -182,20 +195,32 @@ def run_prompts(args: argparse.Namespace) -> int:
         prompt_variants,
     )
 
-    id_source, ood, classes = _inputs(args)
-    classes = classes or (list(id_source.class_names) if id_source.class_names else None)
-    if not classes:
-        raise SystemExit("oodscope audit: --classes is needed (the ID data has no class names)")
-    variants = prompt_variants(classes, domain=args.domain, synonyms=_synonyms(args.synonyms) or None,
-                               wordnet=not args.no_wordnet)
-    if args.templates is not None:
-        extra = [t.strip() for t in args.templates.read_text(encoding="utf-8").splitlines()
-                 if t.strip() and not t.startswith("#")]
-        variants += [PromptVariant(f"file-{k:02d}", "custom", t, (t,)) for k, t in enumerate(extra, 1)]
-    backbone = _backbone(args)
+    with checking():
+        id_source, ood, classes, backbone = _inputs(args)
+        if not classes:
+            raise UsageError("--classes is needed (the ID data has no class names)")
+        _check_runs(args.method, {}, classes, backbone, args.backbone, fit=False, fit_labelled=False)
+        from oodscope.detectors.fitting import class_needs
+
+        if not class_needs(args.method).classes:
+            raise UsageError(f"--method {args.method}: the prompt audit needs a detector built from class names "
+                             "(mcm, glmcm, neglabel, ...)")
+        synonyms = _synonyms(args.synonyms) or None
+        extra = []
+        if args.templates is not None:
+            if not args.templates.is_file():
+                raise UsageError(f"--templates {args.templates}: no such file")
+            extra = [t.strip() for t in args.templates.read_text(encoding="utf-8").splitlines()
+                     if t.strip() and not t.startswith("#")]
+            bad = [t for t in extra if "{}" not in t]
+            if bad:
+                raise UsageError(f"--templates {args.templates}: every template needs {{}} for the class name; "
+                                 f"not: {bad[0]!r}")
+    variants = prompt_variants(classes, domain=args.domain, synonyms=synonyms, wordnet=not args.no_wordnet)
+    variants += [PromptVariant(f"file-{k:02d}", "custom", t, (t,)) for k, t in enumerate(extra, 1)]
     result = prompt_sensitivity(
         backbone, id_source, ood, classes, method=args.method, variants=variants,
-        cache_dir=args.cache or default_cache_dir(), batch_size=args.batch_size, num_workers=args.workers,
+        cache_dir=args.cache or default_cache_dir(), batch_size=args.batch_size, num_workers=args.num_workers,
         progress=not args.quiet, seed=args.seed,
     )
     result.save(args.output)
@@ -210,7 +235,7 @@ def run_prompts(args: argparse.Namespace) -> int:
     print(f"worst on average: {worst['label']!r} ({worst['mean_auroc']:.3f})")
     print(f"results in {args.output}")
     _maybe_report(args.output)
-    return 0
+    return _unreadable(result.n_failed)
 
 
 def run_corruptions(args: argparse.Namespace) -> int:
@@ -220,25 +245,44 @@ def run_corruptions(args: argparse.Namespace) -> int:
     if args.list_corruptions:
         for name in CORRUPTION_NAMES:
             print(f"{name:<18} {FAMILIES[name]}")
-        return 0
-    id_source, ood, classes = _inputs(args)
-    corruptions = list(CORRUPTION_NAMES) if args.corruptions == "all" else [
-        c.strip() for c in args.corruptions.split(",") if c.strip()]
-    try:
-        severities = [int(s) for s in args.severities.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"oodscope audit: --severities must be integers, got {args.severities!r}") from None
-    params = json.loads(args.params) if args.params else {}
-    detectors = {}
-    for name in (d.strip() for d in args.detectors.split(",") if d.strip()):
-        detectors[name] = (name, params.get(name, {}))
-    fit = _limited(resolve_data(args.fit), args.fit_limit, args.seed) if args.fit else None
-    backbone = _backbone(args)
+        return EXIT_OK
+    with checking():
+        corruptions = list(CORRUPTION_NAMES) if args.corruptions == "all" else [
+            c.strip() for c in args.corruptions.split(",") if c.strip()]
+        unknown = [c for c in corruptions if c not in CORRUPTION_NAMES]
+        if unknown or not corruptions:
+            raise UsageError(f"unknown corruption(s) {', '.join(unknown) or '(none given)'}; available: "
+                             f"{', '.join(CORRUPTION_NAMES)} (--list-corruptions)")
+        try:
+            severities = [int(s) for s in args.severities.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"--severities must be integers in 0..5, got {args.severities!r}") from None
+        if not severities or any(not 0 <= s <= 5 for s in severities):
+            raise UsageError(f"--severities must be integers in 0..5, got {args.severities!r}")
+        try:
+            params = json.loads(args.params) if args.params else {}
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--params is not JSON ({err.msg}): {args.params!r}") from None
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            raise UsageError('--params expects {"detector": {"parameter": value, ...}, ...}')
+        names = [d.strip() for d in args.detectors.split(",") if d.strip()]
+        if not names:
+            raise UsageError("--detectors: no detector given")
+        stray = sorted(set(params) - set(names))
+        if stray:
+            raise UsageError(f"--params for {', '.join(stray)}, which --detectors does not name")
+        id_source, ood, classes, backbone = _inputs(args)
+        fit = _limited(open_images(args.fit, "--fit"), args.fit_limit, args.seed) if args.fit else None
+        fit_labelled = fit is not None and fit.labels is not None and bool((fit.labels >= 0).all())
+        for name in names:
+            _check_runs(name, dict(params.get(name, {})), classes, backbone, args.backbone, fit=fit is not None,
+                        fit_labelled=fit_labelled)
+    detectors = {name: (name, params.get(name, {})) for name in names}
     result = corruption_robustness(
         backbone, detectors, id_source, ood, corruptions=corruptions, severities=severities,
         apply_to=args.apply_to, id_fit=fit, classes=classes, seed=args.seed,
         work_size=args.work_size or None, cache_dir=args.cache or default_cache_dir(),
-        batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet,
+        batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.quiet,
     )
     result.save(args.output)
     if not args.no_plot:
@@ -246,8 +290,13 @@ def run_corruptions(args: argparse.Namespace) -> int:
     print(f"\n{result.backbone_id}: AUROC (mean over OOD sets {list(result.n_ood)}) by severity, "
           f"{result.apply_to} corrupted, {result.n_id} ID images")
     print(result.table())
-    if result.n_failed:
-        print(f"{result.n_failed} image(s) could not be read and were left out", file=sys.stderr)
     print(f"results in {args.output}")
     _maybe_report(args.output)
-    return 0
+    return _unreadable(result.n_failed)
+
+
+def _unreadable(n_failed: int) -> int:
+    if n_failed:
+        print(f"{n_failed} image(s) could not be read and were left out", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK

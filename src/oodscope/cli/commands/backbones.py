@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+HELP = "list registered backbones and offline availability"
+
 
 def register(sub) -> None:
-    parser = sub.add_parser("backbones", help="list registered backbones and offline availability")
+    parser = sub.add_parser("backbones", help=HELP)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)
 

@@ -1,4 +1,8 @@
-"""``oodscope demo``: the end-to-end study on the packaged offline backbones (see oodscope.demo)."""
+"""``oodscope demo``: the end-to-end study on the packaged offline backbones (see oodscope.demo).
+
+``-o DIR`` (default ``oodscope-demo``) is the study's own folder: a re-run rewrites its results and
+reuses the feature cache inside it. Exit codes: 0 = done; 1 = the work failed.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
+HELP = "run a small end-to-end OOD study offline and write an HTML report"
+
 
 def register(sub) -> None:
-    parser = sub.add_parser("demo", help="run a small end-to-end OOD study offline and write an HTML report")
+    parser = sub.add_parser("demo", help=HELP)
     parser.add_argument("-o", "--output", type=Path, default=Path("oodscope-demo"), help="output directory")
     parser.add_argument("--per-class", type=int, default=40,
                         help="Fashion-MNIST images per class for fitting, calibrating and testing (default 40)")

@@ -1,9 +1,16 @@
 """``oodscope extract BACKBONE DATA -o DIR``: features for every image, with a progress bar.
 
-DIR is a feature store (resumable: re-running after an interruption only hashes the images already
-done) plus ``items.jsonl`` (one row per image that loaded), ``failures.jsonl`` (path and reason of
-each image that did not) and ``summary.json``. Exit code 0: all images done; 3: finished, but some
-images failed (listed).
+DATA is a data spec of :func:`oodscope.io.resolve_images`: a folder, a ``.txt`` / ``.csv`` list
+file, an image file, or a registered data set name (``fashion-mnist/test``, ``textiles/local``,
+``digits``; ``oodscope datasets list``). DIR is a feature store (resumable: re-running into the same
+DIR after an interruption only hashes the images already done) plus ``items.jsonl`` (one row per
+image that loaded), ``failures.jsonl`` (path and reason of each image that did not) and
+``summary.json``. ``-o`` may be a new or empty directory or one an earlier ``extract`` wrote (it
+resumes); anything else is refused unless ``--overwrite``.
+
+Exit codes: 0 = all images done; 3 = finished, but some images failed (listed); 2 = bad arguments,
+nothing extracted (unknown backbone or data, ``--limit`` < 1, ``-o`` not an extract directory);
+1 = the work failed (weights not installed, disk full, ...).
 """
 
 from __future__ import annotations
@@ -13,36 +20,38 @@ import json
 import sys
 from pathlib import Path
 
-from oodscope.cli.commands._common import add_backbone_options, write_jsonl
+from oodscope.cli.commands._common import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    add_backbone_options,
+    add_max_pixels_option,
+    add_overwrite_option,
+    check_output,
+    checking,
+    counted,
+    open_images,
+    print_failures,
+    write_jsonl,
+)
 
-EXIT_SOME_FAILED = 3
+HELP = "extract features of a folder / list / data set into a resumable store"
+#: What an earlier ``oodscope extract`` leaves in its directory (a feature store's manifest, the summary).
+EXTRACT_MARKERS = ("summary.json", "*/manifest.json")
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("extract", help="extract features of a folder / list / data set into a resumable store")
+    parser = sub.add_parser("extract", help=HELP, description=__doc__.split("\n\n")[0])
     parser.add_argument("backbone", help="backbone spec, e.g. effnet-lite0, conse:effnet-lite0, hf:DIR")
-    parser.add_argument("data", help="image folder, flat folder, .txt/.csv list, image file, or a built-in set: "
-                        "fashion-mnist[:train|test], digits, textiles[:nominal|local|global]")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output directory")
+    parser.add_argument("data", help="image folder, .txt/.csv list, image file, or a registered data set: "
+                        "fashion-mnist/test, digits, textiles/local, ... (`oodscope datasets list`)")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="output directory (new, empty, or an earlier extract's: it resumes)")
+    add_overwrite_option(parser, "write into a directory that holds other files")
     parser.add_argument("--patches", action="store_true", help="also store local/patch features")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--limit", type=counted(1), default=None, help="only the first N images")
     add_backbone_options(parser)
+    add_max_pixels_option(parser)
     parser.set_defaults(func=run)
-
-
-def resolve_source(spec: str):
-    """A dataset from a path or a built-in name."""
-    from oodscope import io
-
-    name, _, option = spec.partition(":")
-    if not Path(spec).exists():
-        if name == "fashion-mnist":
-            return io.fashion_mnist(option or "test")
-        if name == "digits":
-            return io.digits()
-        if name == "textiles":
-            return io.textiles(option or "all")
-    return io.open_dataset(spec)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,13 +61,16 @@ def run(args: argparse.Namespace) -> int:
     from oodscope.features.extract import extract
     from oodscope.io import Subset
 
-    source = resolve_source(args.data)
-    if args.limit is not None:
-        source = Subset(source, np.arange(min(args.limit, len(source))))
-    options = {"patches": True} if args.patches else {}
-    backbone = create(args.backbone, device=args.device, **options)
+    with checking():
+        check_output(args.output, overwrite=args.overwrite, kind="dir", markers=EXTRACT_MARKERS,
+                     what="the features")
+        source = open_images(args.data, "DATA")
+        if args.limit is not None:
+            source = Subset(source, np.arange(min(args.limit, len(source))))
+        options = {"patches": True} if args.patches else {}
+        backbone = create(args.backbone, device=args.device, **options)  # an unknown spec is refused here
     args.output.mkdir(parents=True, exist_ok=True)
-    result = extract(backbone, source, batch_size=args.batch_size, num_workers=args.workers,
+    result = extract(backbone, source, batch_size=args.batch_size, num_workers=args.num_workers,
                      cache_dir=args.output, keep_in_memory=False, description=f"extract {backbone.id}")
     labels = result.labels.tolist() if result.labels is not None else [None] * len(result.indices)
     write_jsonl(args.output / "items.jsonl", (
@@ -75,11 +87,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{summary['extracted']}/{summary['images']} images -> {result.store.root} "
           f"({result.n_computed} computed, {result.n_cached} from cache, {rate:.1f} img/s)")
     if result.failures:
-        print(f"{len(result.failures)} image(s) could not be read (see {args.output / 'failures.jsonl'}):",
-              file=sys.stderr)
-        for failure in result.failures[:10]:
-            print(f"  {failure.item_id}: {failure.reason}", file=sys.stderr)
-        if len(result.failures) > 10:
-            print(f"  ... and {len(result.failures) - 10} more", file=sys.stderr)
+        print_failures([(f.item_id, f.reason) for f in result.failures], None, sys.stderr,
+                       where=str(args.output / "failures.jsonl"))
         return EXIT_SOME_FAILED
-    return 0
+    return EXIT_OK

@@ -5,13 +5,17 @@ the model's alpha (p-value <= alpha), predicted ID class and its probability, pr
 when flagged OOD) and, for images that could not be read, the error. Rows are written chunk by
 chunk (``--chunk-size``). With ``--fdr Q`` the Benjamini-Hochberg decision over all images of the
 run is added (column ``ood_fdr``); since it needs every p-value, rows are then written at the end.
+A model that is not calibrated (zero-shot, fitted from class names alone) gives scores and classes:
+the p-value and decision columns are empty, one line on stderr says so, and ``--fdr`` is refused.
 
 Formats: ``table`` (aligned text), ``csv`` (header row; booleans ``true``/``false``, empty = none,
 prediction set joined with ``|``), ``jsonl`` (one JSON object per line; ``prediction_set`` a list).
 
 Exit codes: 0 = every image was scored; 3 = some images could not be read (they are rows with an
-``error``; every other image is scored); 1 = nothing scored (the model could not be loaded, e.g.
-another backbone). Flagged images do not change the exit code.
+``error``; every other image is scored; a missing file inside a list file is such a row); 2 = bad
+arguments, nothing scored (MODEL_DIR is not a model, a path given is not there, ``--fdr`` on an
+uncalibrated model, ``-o`` exists without ``--overwrite``); 1 = nothing scored, the model could not
+be loaded here (another backbone or other weights). Flagged images do not change the exit code.
 """
 
 from __future__ import annotations
@@ -23,28 +27,44 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from oodscope.cli.commands._common import add_backbone_options, default_cache_dir
+from oodscope.cli.commands._common import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    UsageError,
+    add_backbone_options,
+    add_max_pixels_option,
+    add_overwrite_option,
+    check_output,
+    checking,
+    counted,
+    default_cache_dir,
+    level,
+    print_failures,
+)
 
-EXIT_ERROR = 1
-EXIT_SOME_FAILED = 3
+HELP = "score images with a fitted model: p-values, OOD decisions, ID class, prediction sets"
 CSV_SET_SEPARATOR = "|"
 
 
 def register(sub) -> None:
     parser = sub.add_parser(
-        "score", help="score images with a fitted model: p-values, OOD decisions, ID class, prediction sets",
-        description="Score images with a model written by `oodscope fit`. Exit code 0: all images scored; "
-        "3: some could not be read (reported as rows with an error).",
+        "score", help=HELP,
+        description="Score images with a model written by `oodscope fit`. Exit codes: 0 all images scored, "
+        "1 failed (model not loadable here), 2 bad arguments, 3 some images could not be read (rows with an "
+        "error).",
     )
     parser.add_argument("model", type=Path, help="model directory written by `oodscope fit`")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt/.csv lists")
     parser.add_argument("--format", choices=["table", "csv", "jsonl"], default="table", help="output format")
-    parser.add_argument("--fdr", type=float, default=None, metavar="Q",
-                        help="also flag with Benjamini-Hochberg at FDR level Q over all images (column ood_fdr)")
+    parser.add_argument("--fdr", type=level, default=None, metavar="Q",
+                        help="also flag with Benjamini-Hochberg at FDR level Q in (0, 1) over all images (column "
+                        "ood_fdr); needs a calibrated model")
     parser.add_argument("-o", "--output", type=Path, default=None, help="write rows to this file (default stdout)")
-    parser.add_argument("--chunk-size", type=int, default=256, help="images per streamed chunk (default 256)")
+    add_overwrite_option(parser, "the file is replaced")
+    parser.add_argument("--chunk-size", type=counted(1), default=256, help="images per streamed chunk (default 256)")
     parser.add_argument("--no-cache", action="store_true", help="do not use the feature cache ($OODSCOPE_CACHE)")
     add_backbone_options(parser)
+    add_max_pixels_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -114,13 +134,14 @@ class _TableWriter(_Writer):
                 self.out.write(f"{'ERROR':<8} {bh}{'':>11} {'':>8} {'':<16} {'':>5} {'':<24} {row['item']}  "
                                f"({row['error']})\n")
                 continue
-            decision = "OOD" if row["ood"] else "ID"
+            decision = "" if row["ood"] is None else ("OOD" if row["ood"] else "ID")
             bh = f"{('OOD' if row['ood_fdr'] else 'ID'):<4} " if self.with_fdr else ""
             cls = _clip(row["predicted_class"] or "-", 16)
             prob = "" if row["class_probability"] is None else f"{row['class_probability']:.2f}"
+            p_value = "" if row["p_value"] is None else f"{row['p_value']:.4f}"
             members = row["prediction_set"]
             shown = "-" if members is None else "{" + ", ".join(members) + "}"
-            self.out.write(f"{decision:<8} {bh}{row['score']:>11.5g} {row['p_value']:>8.4f} {cls:<16} {prob:>5} "
+            self.out.write(f"{decision:<8} {bh}{row['score']:>11.5g} {p_value:>8} {cls:<16} {prob:>5} "
                            f"{_clip(shown, 24):<24} {row['item']}\n")
 
 
@@ -128,25 +149,19 @@ WRITERS = {"table": _TableWriter, "csv": _CsvWriter, "jsonl": _JsonlWriter}
 
 
 def run(args: argparse.Namespace) -> int:
-    from oodscope.detectors import DetectorError
-    from oodscope.io import DatasetError
-    from oodscope.pipeline import OODModel, OODModelError, Predictions, as_image_source
+    from oodscope.pipeline import OODModel, Predictions
 
-    if args.fdr is not None and not 0.0 < args.fdr < 1.0:
-        print("oodscope score: error: --fdr must be in (0, 1)", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        model = OODModel.load(args.model, device=args.device,
-                              cache_dir=None if args.no_cache else default_cache_dir(),
-                              batch_size=args.batch_size, num_workers=args.workers)
-        if not model.is_calibrated:
-            raise OODModelError(f"{args.model} is not calibrated; re-run `oodscope fit` with calibration images")
-        source = as_image_source(args.images, missing_ok=True)  # a missing file is an error row, not fatal
-        stream = model.predict_iter(source, chunk_size=args.chunk_size)
-        out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
-    except (OODModelError, DetectorError, DatasetError, ValueError, FileNotFoundError) as err:
-        print(f"oodscope score: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    with checking():
+        source = check(args)
+    model = OODModel.load(args.model, device=args.device, cache_dir=None if args.no_cache else default_cache_dir(),
+                          batch_size=args.batch_size, num_workers=args.num_workers)
+    calibrated = model.is_calibrated
+    if not calibrated:
+        print(f"oodscope score: note: {args.model} is not calibrated: scores and classes only, the p-value and "
+              "decision columns stay empty; decisions need calibration (oodscope fit ... --calibration-dir "
+              "ID_IMAGES)", file=sys.stderr)
+    stream = model.predict_iter(source, chunk_size=args.chunk_size, require_calibration=False)
+    out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
     writer = WRITERS[args.format](out, with_fdr=args.fdr is not None)
     n = n_ood = 0
     failures: list[tuple[str, str]] = []
@@ -172,15 +187,35 @@ def run(args: argparse.Namespace) -> int:
         if out is not sys.stdout:
             out.close()
     scored = n - len(failures)
-    summary = f"{scored}/{n} image(s) scored; {n_ood} flagged OOD at alpha = {model.alpha:g} (p-value <= alpha)"
+    if calibrated:
+        summary = f"{scored}/{n} image(s) scored; {n_ood} flagged OOD at alpha = {model.alpha:g} (p-value <= alpha)"
+    else:
+        summary = f"{scored}/{n} image(s) scored; no decisions (the model is not calibrated)"
     if n_bh is not None:
         summary += f"; {n_bh} flagged by Benjamini-Hochberg at FDR {args.fdr:g}"
     print(summary, file=sys.stderr)
     if failures:
-        print(f"{len(failures)} image(s) could not be read:", file=sys.stderr)
-        for item, reason in failures[:10]:
-            print(f"  {item}: {reason}", file=sys.stderr)
-        if len(failures) > 10:
-            print(f"  ... and {len(failures) - 10} more", file=sys.stderr)
+        print_failures(failures, None, sys.stderr)
         return EXIT_SOME_FAILED
-    return 0
+    return EXIT_OK
+
+
+def check(args: argparse.Namespace) -> Any:
+    """The images to score, once the arguments are checked (the model's ``model.json`` alone is read)."""
+    from oodscope.io.registry import known_name
+    from oodscope.pipeline import as_image_source
+    from oodscope.pipeline.persistence import read_config
+
+    if not args.model.is_dir():
+        raise UsageError(f"{args.model}: no such model directory (write one with `oodscope fit`)")
+    config = read_config(args.model)
+    calibrated = bool(config.get("threshold")) and bool(config.get("calibration"))
+    if args.fdr is not None and not calibrated:
+        raise UsageError(f"--fdr needs p-values, and {args.model} is not calibrated (it gives scores only); "
+                         "calibrate it: oodscope fit ... --calibration-dir ID_IMAGES")
+    if args.output is not None:
+        check_output(args.output, overwrite=args.overwrite, kind="file")
+    for item in args.images:
+        if not Path(item).expanduser().exists() and not known_name(item):
+            raise UsageError(f"{item}: no such file or directory (nor a registered data set name)")
+    return as_image_source(args.images, missing_ok=True)  # a missing file inside a list file is an error row

@@ -13,12 +13,12 @@ from oodscope.detectors.base import (
     Detector,
     DetectorError,
     create,
-    load,
     register,
     registered,
 )
+from oodscope.detectors.persistence import load
 
-_SKIP = {"base"}
+_SKIP = {"base", "fitting", "kinds", "persistence"}
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _SKIP and not _module.startswith("_"):
         importlib.import_module(f"{__name__}.{_module}")

@@ -21,7 +21,6 @@ and ``score_chunk_rows()``. Everything is batched tensor algebra: no Python loop
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 import warnings
@@ -32,12 +31,7 @@ import numpy as np
 import torch
 
 from oodscope.backbones.base import Features
-from oodscope.detectors.kinds import DetectorKind, FitNeeds, needs_of_kind
-
-FORMAT = "oodscope-detector"
-FORMAT_VERSION = 1
-CONFIG_FILE = "detector.json"
-STATE_FILE = "detector.safetensors"
+from oodscope.detectors.kinds import DetectorKind, FitNeeds, missing_fit_inputs, needs_of_kind
 
 ArrayLike = np.ndarray | torch.Tensor
 FeatureInput = Features | ArrayLike | dict
@@ -250,52 +244,11 @@ class Detector:
 
     # ----------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike, backbone_id: str | None = None) -> Path:
-        """Write parameters (JSON) and fitted arrays (safetensors) to ``directory``."""
-        from safetensors.torch import save_file
+        """Write parameters (JSON) and fitted arrays (safetensors) to ``directory``
+        (:func:`oodscope.detectors.persistence.save_detector`)."""
+        from oodscope.detectors.persistence import save_detector
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "params": self.get_params(),
-            "fit_info": self.fit_info_,
-            "is_fitted": self.is_fitted_,
-            "backbone_id": backbone_id,
-        }
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_.items()}
-        save_file(tensors, str(directory / STATE_FILE))
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        return directory
-
-
-def load(directory: str | os.PathLike, expected_backbone_id: str | None = None) -> Detector:
-    """Load a detector written by :meth:`Detector.save`; refuses other formats and other backbones."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise DetectorError(f"{directory}: no {CONFIG_FILE}; not a saved oodscope detector")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != FORMAT:
-        raise DetectorError(f"{config_path}: format {config.get('format')!r} is not {FORMAT!r}")
-    if config.get("format_version") != FORMAT_VERSION:
-        raise DetectorError(
-            f"{config_path}: format version {config.get('format_version')} is not supported "
-            f"(this oodscope reads version {FORMAT_VERSION})"
-        )
-    saved_backbone = config.get("backbone_id")
-    if expected_backbone_id is not None and saved_backbone != expected_backbone_id:
-        raise DetectorError(
-            f"{directory}: detector was fitted on backbone {saved_backbone!r}, not {expected_backbone_id!r}"
-        )
-    detector = create(config["name"], **config["params"])
-    detector.state_ = load_file(str(directory / STATE_FILE))
-    detector.fit_info_ = config.get("fit_info", {})
-    detector.is_fitted_ = bool(config.get("is_fitted", False))
-    return detector
+        return save_detector(self, directory, backbone_id)
 
 
 # --------------------------------------------------------------------- registry
@@ -397,18 +350,6 @@ def _device_of(inputs: dict[str, Any]) -> torch.device:
         if torch.is_tensor(v):
             return v.device
     return torch.device("cpu")
-
-
-def missing_fit_inputs(needs: FitNeeds, *, features: bool, labels: bool, text_encoder: bool) -> list[str]:
-    """What of the fit inputs is missing, in words (empty: nothing)."""
-    missing = []
-    if needs.features and not features:
-        missing.append("in-distribution features")
-    if needs.labels and not labels:
-        missing.append("the class labels of the ID features")
-    if needs.text_encoder and not text_encoder:
-        missing.append("a text encoder (text_encoder=: a vision-language backbone, or any object with encode_texts)")
-    return missing
 
 
 def _label_tensor(labels: ArrayLike, rows: int, device: torch.device, who: str) -> torch.Tensor:

@@ -20,10 +20,9 @@ from oodscope.detectors.base import (
     DetectorError,
     FeatureInput,
     create,
-    missing_fit_inputs,
     registered,
 )
-from oodscope.detectors.kinds import FitNeeds, needs_of_kind
+from oodscope.detectors.kinds import FitNeeds, missing_fit_inputs, needs_of_kind
 
 __all__ = ["build_detector", "class_needs", "fit_detector", "fit_problems"]
 

@@ -102,3 +102,15 @@ def needs_of_kind(kind: DetectorKind, *, needs_fit: bool, needs_labels: bool) ->
     if kind is DetectorKind.ENSEMBLE:  # the instance adds its members' needs
         return FitNeeds(features=True)
     raise ValueError(f"unknown detector kind {kind!r}")
+
+
+def missing_fit_inputs(needs: FitNeeds, *, features: bool, labels: bool, text_encoder: bool) -> list[str]:
+    """What of the fit inputs is missing, in words (empty: nothing)."""
+    missing = []
+    if needs.features and not features:
+        missing.append("in-distribution features")
+    if needs.labels and not labels:
+        missing.append("the class labels of the ID features")
+    if needs.text_encoder and not text_encoder:
+        missing.append("a text encoder (text_encoder=: a vision-language backbone, or any object with encode_texts)")
+    return missing

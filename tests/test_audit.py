@@ -445,7 +445,7 @@ def test_cli_prompt_and_corruption_audits(tmp_path: Path, conse_lite0) -> None:
     from oodscope.cli.main import main
 
     out = tmp_path / "audit"
-    common = ["--id", "fashion-mnist-ood:id", "--ood", "near=fashion-mnist-ood:near", "--ood", "digits=digits",
+    common = ["--id", "fashion-mnist-ood/id", "--ood", "near=fashion-mnist-ood/near", "--ood", "digits=digits",
               "--limit", "20", "-o", str(out), "--cache", str(tmp_path / "cache"), "--workers", "0", "--quiet"]
     assert main(["audit", "prompts", "--domain", "clothing", *common]) == 0
     # a classifier backbone keeps this half fast (no sentence encoder to load)

@@ -201,3 +201,41 @@ def test_fit_refuses_bad_combinations(data, capsys):
                             "--id-dir", data / "id", "--calibration-fraction", "0.3", "-o", data / "never"], capsys)
     assert code == 2 and "drop --calibration-fraction" in err
     assert not (data / "never").exists()
+
+
+def test_zero_shot_from_class_names_alone_then_score(data, capsys):
+    """No calibration images: the model scores (and classifies); decisions need calibration."""
+    model_dir = data / "mcm-names-only"
+    code, out, err = run_cli(["fit", "--backbone", "conse:effnet-lite0", "--method", "mcm", "--classes",
+                              ",".join(CLASSES), "--workers", "0", "-o", model_dir], capsys)
+    assert code == 0 and (model_dir / "model.json").is_file()
+    assert "calibration    none yet" in out and "None" not in out
+    assert "gives scores only" in err and "--calibration-dir" in err
+    code, out, err = run_cli(["score", model_dir, data / "mixed" / "id", "--format", "jsonl", "--workers", "0"],
+                             capsys)
+    assert code == 0
+    rows = parse_jsonl(out)
+    assert len(rows) == 6 and all(r["p_value"] is None and r["ood"] is None for r in rows)
+    assert all(r["score"] < 0 and r["predicted_class"] in CLASSES for r in rows)
+    assert "is not calibrated" in err and "oodscope fit ... --calibration-dir" in err
+    code, out, err = run_cli(["score", model_dir, data / "mixed" / "id", "--fdr", "0.1"], capsys)
+    assert code == 2 and out == "" and "--fdr needs p-values" in err
+    code, out, _ = run_cli(["info", model_dir], capsys)
+    assert code == 0 and "None" not in out and "fit set        none: the detector is built from the class names" in out
+
+
+def test_bad_parameter_fails_before_extraction(data, capsys, monkeypatch):
+    import oodscope.features.extract as extract_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("extraction started")
+
+    monkeypatch.setattr(extract_module, "extract", refuse)
+    code, _, err = run_cli(["fit", "--backbone", "effnet-lite0", "--method", "knn", "--param", "kk=10",
+                            "--id-dir", data / "id", "-o", data / "never"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "knn: unknown parameter(s) kk; its parameters: k=None, feature='auto'" in err
+    code, _, err = run_cli(["fit", "--backbone", "effnet-lite0", "--method", "mcm", "--classes", "a,b",
+                            "-o", data / "never"], capsys)
+    assert code == 2 and "needs a text encoder" in err  # a classifier has none: known before extraction
+    assert not (data / "never").exists()

@@ -187,12 +187,28 @@ def _format_threshold(t: Threshold, alpha: float) -> list[str]:
         f"for {t.acceptance_level:.0%} of calibration sets between {t.acceptance_interval[0]:.4f} and "
         f"{t.acceptance_interval[1]:.4f} (Beta({t.rank}, {t.n + 1 - t.rank}))",
         f"t estimates    the ID score {t.target:g}-quantile: {t.value_interval_coverage:.1%} interval "
-        f"[{lo_text}, {hi_text}] (order statistics {t.value_interval_ranks[0]}, {t.value_interval_ranks[1]})",
+        f"[{lo_text}, {hi_text}] (order statistics {_rank(t.value_interval_ranks[0])}, "
+        f"{_rank(t.value_interval_ranks[1])})",
     ]
 
 
+def _rank(k: Any) -> str:
+    return "unbounded" if k is None else str(k)
+
+
 def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
     return json.dumps(v, sort_keys=True) if v is not None else "(not set)"
+
+
+def _kind_label(kind: str) -> str:
+    from oodscope.detectors.kinds import DetectorKind
+
+    try:
+        return DetectorKind(kind).label
+    except ValueError:
+        return kind.replace("_", "-")
 
 
 def describe_summary(s: dict[str, Any]) -> str:
@@ -207,7 +223,7 @@ def describe_summary(s: dict[str, Any]) -> str:
         f"backbone       {bb.get('id') or bb.get('spec') or 'a backbone object'}"
         + (f" (weights fingerprint {bb['fingerprint']})" if bb.get("fingerprint") else ""),
         f"method         {s.get('method') or 'unknown'} {json.dumps(params, sort_keys=True)}"
-        + (f"  [{kind.replace('_', '-')}]" if kind else ("  [zero-shot]" if s.get("zero_shot") else "")),
+        + (f"  [{_kind_label(kind)}]" if kind else ("  [zero-shot]" if s.get("zero_shot") else "")),
     ]
     choices = s.get("fit_choices")
     if choices:

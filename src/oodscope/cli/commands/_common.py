@@ -249,6 +249,22 @@ def check_detector_params(name: str, params: dict[str, Any]) -> None:
             raise UsageError(f"{name}: parameter {key} takes {expected} (default {default!r}), got {value!r}")
 
 
+def needs_in_words(problems: Sequence[str], images_option: str) -> str:
+    """:func:`oodscope.detectors.fitting.fit_problems` as the command line says them."""
+    words = []
+    for problem in problems:
+        if problem.startswith("a text encoder"):
+            problem = "a text encoder (a vision-language backbone, e.g. conse:effnet-lite0 or hf:...)"
+        elif problem == "in-distribution features":
+            problem = f"ID images to fit on ({images_option})"
+        elif problem.startswith("the class labels"):
+            problem = f"the class of every ID image (one sub-folder per class in {images_option})"
+        elif problem.startswith("a classifier backbone"):
+            problem = "a classifier backbone that it can run (e.g. effnet-lite0)"
+        words.append(problem)
+    return " and ".join(words)
+
+
 def check_output(path: Path, *, overwrite: bool, kind: str, markers: Sequence[str] = (), what: str = "") -> None:
     """Refuse to write ``-o PATH`` over something that is there, unless ``--overwrite``.
 
@@ -267,7 +283,7 @@ def check_output(path: Path, *, overwrite: bool, kind: str, markers: Sequence[st
         raise UsageError(f"-o {path} is a file; {what or 'the output'} is a directory")
     if overwrite or not path.is_dir():
         return
-    if any(path.glob(m) for m in markers) if markers else False:
+    if any(next(path.glob(m), None) is not None for m in markers):
         return
     if any(path.iterdir()):
         raise UsageError(f"-o {path} is not empty; choose a new directory, or add --overwrite to write "

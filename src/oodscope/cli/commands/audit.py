@@ -36,6 +36,7 @@ from oodscope.cli.commands._common import (
     checking,
     counted,
     default_cache_dir,
+    needs_in_words,
     open_images,
 )
 
@@ -125,7 +126,7 @@ def _ood_sets(args) -> dict:
             name, data = Path(item).name or item, item
         if name in out:
             raise UsageError(f"OOD set name {name!r} is given twice")
-        out[name] = _limited(open_images(data, f"--ood {name}="), args.limit, args.seed)
+        out[name] = _limited(open_images(data, f"--ood {item}"), args.limit, args.seed)
     return out
 
 
@@ -156,8 +157,8 @@ def _check_runs(name: str, params: dict, classes, backbone, backbone_spec: str, 
     problems = fit_problems(detector, features=fit, labels=fit_labelled, text_encoder=is_vision_language(backbone),
                             classifier=callable(getattr(backbone, "classifier_parts", None)))
     if problems:
-        missing = " and ".join(p.replace("in-distribution features", "ID fit images (--fit DATA)") for p in problems)
-        raise UsageError(f"{name} ({detector.kind.label}) cannot run on {backbone_spec} here: it needs {missing}")
+        raise UsageError(f"{name} ({detector.kind.label}) cannot run on {backbone_spec} here: it needs "
+                         f"{needs_in_words(problems, '--fit DATA')}")
 
 
 def _maybe_report(output: Path) -> None:

@@ -42,14 +42,13 @@ from oodscope.cli.commands._common import (
     check_output,
     checking,
     default_cache_dir,
+    needs_in_words,
     open_images,
     parse_params,
     print_failures,
 )
 
 HELP = "fit + calibrate an OOD model (backbone, detector, conformal threshold) into a directory"
-#: A directory holding this is a saved model (replaced with --overwrite).
-MODEL_MARKER = "model.json"
 
 
 def register(sub) -> None:
@@ -123,8 +122,7 @@ def check(args: argparse.Namespace) -> _Plan:
 
     params = parse_params(args.param)
     check_detector_params(args.method, params)
-    check_output(args.output, overwrite=args.overwrite, kind="dir", markers=(MODEL_MARKER,),
-                 what="the model")
+    check_output(args.output, overwrite=args.overwrite, kind="dir", what="the model")
     model = OODModel(
         args.backbone, args.method, params, alpha=args.alpha, set_alpha=args.set_alpha,
         prediction_sets=args.prediction_sets, head=args.head, seed=args.seed,
@@ -171,7 +169,8 @@ def check(args: argparse.Namespace) -> _Plan:
                             text_encoder=is_vision_language(backbone),
                             classifier=callable(getattr(backbone, "classifier_parts", None)))
     if problems:
-        raise UsageError(f"{method} ({kind}) cannot run on {args.backbone}: it needs {' and '.join(problems)}")
+        raise UsageError(f"{method} ({kind}) cannot run on {args.backbone}: it needs "
+                         f"{needs_in_words(problems, '--id-dir')}")
     provided = _probe_fields(backbone)
     if provided is not None:
         missing = [f for f in detector.fields() if f not in provided]
@@ -233,6 +232,6 @@ def _probe_fields(backbone) -> set[str] | None:
         spec = backbone.input_spec
         batch = preprocess([Image.new("RGB", (spec.size, spec.size), (128, 128, 128))], spec,
                            getattr(backbone, "device", "cpu"))
-        return set(backbone.encode_images(batch).available())
+        return set(backbone.encode_images(batch).available()) - {"backbone_id", "class_names"}
     except Exception:  # noqa: BLE001 - a backbone that cannot be probed is checked when it runs
         return None

@@ -427,3 +427,18 @@ def test_detectors_lists_every_registered_method(capsys):
     assert listed["knn"]["defaults"]["k"] is None and "ICML 2022" in listed["knn"]["cites"]
     code, out, _ = run(["detectors", "knn"], capsys)
     assert code == 0 and "Defaults:" in out and "knn  [feature-space]" in out
+
+
+def test_bench_runs_and_rewrites_its_own_results(folders, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--backbone", CNN, "--detectors", "msp,mahalanobis", "--id", folders / "id", "--id-fit",
+            folders / "id", "--fit-limit", "6", "--ood", f"far:flat={folders / 'flat'}", "--no-report", "--quiet",
+            "--workers", "0", "-o", out]
+    code, printed, err = run(argv, capsys)
+    assert code == 0, err
+    assert (out / "results.json").is_file() and "| msp |" in printed
+    # the fit caution, once, on one line (6 fit images of 8-d features, 2 classes: a singular covariance)
+    cautions = [line for line in err.splitlines() if "caution" in line]
+    assert len(cautions) == 1 and cautions[0].startswith("oodscope bench: caution: mahalanobis: fitted on 6 images")
+    code, _, err = run(argv, capsys)  # a directory bench wrote is rewritten without --overwrite
+    assert code == 0, err

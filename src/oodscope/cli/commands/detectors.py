@@ -55,7 +55,7 @@ def describe(cls: type) -> dict[str, Any]:
         "needs": class_needs(cls).describe(),
         "reads": list(cls.requires),
         "summary": doc.splitlines()[0].strip() if doc else "",
-        "cites": _citation(doc + "\n\n" + (inspect.getdoc(cls) or "")),
+        "cites": _citation(doc + "\n\n" + _class_doc(cls)),
         "required": required,
         "defaults": defaults,
     }
@@ -71,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
         cls = detectors[args.name]
         info = describe(cls)
         if args.json:
-            print(json.dumps(info | {"doc": _module_doc(cls), "class_doc": inspect.getdoc(cls) or ""}, indent=2))
+            print(json.dumps(info | {"doc": _module_doc(cls), "class_doc": _class_doc(cls)}, indent=2))
             return EXIT_OK
         _print_one(info, sys.stdout)
         print()
         print(_module_doc(cls))
-        class_doc = inspect.getdoc(cls)
-        if class_doc and class_doc.strip() not in _module_doc(cls):
+        class_doc = _class_doc(cls)
+        if class_doc and class_doc not in _module_doc(cls):
             print()
             print(class_doc)
         return EXIT_OK
@@ -106,6 +106,12 @@ def _print_one(info: dict[str, Any], out) -> None:
 
 def _module_doc(cls: type) -> str:
     return inspect.cleandoc(sys.modules[cls.__module__].__doc__ or "")
+
+
+def _class_doc(cls: type) -> str:
+    """The class's own docstring (not one inherited from a base class)."""
+    own = cls.__dict__.get("__doc__")
+    return inspect.cleandoc(own) if own else ""
 
 
 def _citation(doc: str) -> str:

@@ -38,12 +38,17 @@ def tiny_backbones(monkeypatch, tmp_path):
 @pytest.fixture
 def no_extraction(monkeypatch):
     """Any feature extraction fails the test: bad arguments must be refused before it starts."""
+    import oodscope.evaluation.audit  # noqa: F401 - imported, so that their own binding of extract is patched
+    import oodscope.evaluation.bench  # noqa: F401
     import oodscope.features.extract as extract_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("feature extraction started before the arguments were checked")
 
-    monkeypatch.setattr(extract_module, "extract", refuse)
+    original = extract_module.extract
+    for module in list(sys.modules.values()):
+        if getattr(module, "extract", None) is original:
+            monkeypatch.setattr(module, "extract", refuse)
 
 
 @pytest.fixture
@@ -98,6 +103,7 @@ def bad_argument_cases(root: Path, tmp: Path) -> dict[str, tuple[list, str]]:
                                            "-o", tmp / "m"], "needs a text encoder"),
         "fit logits from a vision-language backbone": (["fit", "--backbone", VL, "--method", "energy", "--id-dir",
                                                         root / "id", "-o", tmp / "m"], "reads logits"),
+        "fit calibration on the fit images": (knn + ["--calibration-dir", root / "id"], "held out"),
         "fit labels from a flat folder": (["fit", "--backbone", CNN, "--method", "mahalanobis", "--id-dir",
                                            root / "flat", "-o", tmp / "m"], "needs the class of every ID image"),
         "fit required parameter": (["fit", "--backbone", VL, "--method", "eoe", "--classes", "a,b", "-o",

@@ -150,6 +150,12 @@ def check(args: argparse.Namespace) -> _Plan:
     labels_needed = _needs_labels(method)
     id_data = open_images(args.id_dir, "--id-dir", classes_expected=True) if args.id_dir else None
     calibration = open_images(args.calibration_dir, "--calibration-dir") if args.calibration_dir else None
+    if id_data is not None and calibration is not None:
+        fit_items = {id_data.item_id(i) for i in range(len(id_data))}
+        shared = [calibration.item_id(i) for i in range(len(calibration)) if calibration.item_id(i) in fit_items]
+        if shared:
+            raise UsageError(f"--calibration-dir shares {len(shared)} image(s) with --id-dir (e.g. {shared[0]}): "
+                             "calibration images must be held out from the images the detector is fitted on")
     if id_data is not None and labels_needed and (id_data.labels is None or (id_data.labels < 0).any()):
         raise UsageError(f"{method} ({kind}) needs the class of every ID image: --id-dir expects one sub-folder "
                          f"per class, and {args.id_dir} has images without one")

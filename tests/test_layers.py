@@ -16,7 +16,7 @@ import pytest
 import oodscope
 
 ORDER = ["io", "backbones", "features", "text", "detectors", "calibration", "pipeline", "evaluation", "reports",
-         "cli"]
+         "serve", "cli"]
 #: Top-level modules and the layer they belong to.
 MODULE_LAYER = {"demo": "cli", "__init__": None, "__main__": "cli"}
 ROOT = Path(oodscope.__file__).parent

@@ -8,6 +8,8 @@ Create one from a string with :func:`create`:
 - ``hf:openai/clip-vit-base-patch16`` or ``hf:/path/to/model`` — CLIP / SigLIP via transformers.
 
 A user's own PyTorch classifier is wrapped with :class:`TorchClassifier` in Python.
+``create(spec, runtime="onnxruntime" | "openvino")`` runs the network from an exported graph
+(:mod:`oodscope.backbones.exported`; ``export_dir=`` names one, else it is exported once into the cache).
 """
 
 from __future__ import annotations
@@ -39,8 +41,14 @@ class BackboneInfo:
 
 
 def create(spec: str, **options) -> Backbone:
-    """A backbone from its spec string; ``options`` go to the backbone's constructor."""
+    """A backbone from its spec string; ``options`` go to the backbone's constructor, except
+    ``runtime`` ("torch", "onnxruntime", "openvino"), ``export_dir`` and ``threads`` (exported graphs)."""
     spec = spec.strip()
+    runtime, export_dir, threads = (options.pop(k, None) for k in ("runtime", "export_dir", "threads"))
+    if runtime not in (None, "torch") or export_dir is not None:
+        from oodscope.backbones.exported import with_runtime
+
+        return with_runtime(create(spec, **options), runtime, export_dir=export_dir, threads=threads)
     if spec.startswith("conse:"):
         from oodscope.backbones.conse import ConSE
         from oodscope.backbones.text_minilm import MiniLMTextEncoder

@@ -437,10 +437,14 @@ class OODModel:
         num_workers: int | None = None,
         progress: bool = True,
         verify_backbone: bool = True,
+        runtime: str = "torch",
     ) -> OODModel:
         """Load a saved model. The backbone (the saved spec, or ``backbone=``) must have the saved id
-        and, with ``verify_backbone``, the same weights fingerprint; otherwise this raises."""
+        and, with ``verify_backbone``, the same weights fingerprint; otherwise this raises.
+        ``runtime="onnxruntime"`` / ``"openvino"`` runs the network from the model's ``export/<runtime>``
+        (``oodscope export``), refused when missing or exported from other weights."""
         return persistence.load_model(cls, directory, backbone=backbone, verify_backbone=verify_backbone,
+                                      runtime=runtime,
                                       device=device, cache_dir=cache_dir, batch_size=batch_size,
                                       num_workers=num_workers, progress=progress)
 

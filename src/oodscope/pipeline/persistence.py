@@ -3,7 +3,9 @@
 A model directory holds ``model.json`` (backbone id and weights fingerprint, method and
 parameters, classes, settings, calibration summary), ``calibration.safetensors`` (the calibration
 scores and the content ids of the fit images), ``detector/`` and ``head/`` — JSON and safetensors
-only, nothing is unpickled.
+only, nothing is unpickled. It may also carry exported networks, ``export/<runtime>/`` (written by
+``oodscope export``, read by ``OODModel.load(..., runtime=...)``; see
+:mod:`oodscope.backbones.exported`).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(cls: type[OODModel], directory: str | os.PathLike, *, backbone: Any = None,
-               verify_backbone: bool = True, **options: Any) -> OODModel:
+               verify_backbone: bool = True, runtime: str = "torch", **options: Any) -> OODModel:
     """Load a saved model (see :meth:`OODModel.load`)."""
     from safetensors.numpy import load_file
 
@@ -142,6 +144,15 @@ def load_model(cls: type[OODModel], directory: str | os.PathLike, *, backbone: A
     model = cls(backbone=backbone, method=config["method"], method_params=config["method_params"],
                 alpha=config["alpha"], backbone_options={"device": device} if device else None,
                 **settings, **options)
+    if runtime not in (None, "torch"):  # the network runs from export/<runtime>, checked against model.json
+        from oodscope.backbones.exported import ExportError, attach_saved_export
+
+        try:
+            model._backbone, model.info_["runtime"] = attach_saved_export(model.backbone, directory, runtime,
+                                                                           saved["id"], saved.get("fingerprint"))
+        except ExportError as err:
+            raise OODModelError(str(err)) from None
+        verify_backbone = False
     if model.backbone_id != saved["id"]:
         raise OODModelError(
             f"{directory} was fitted on backbone {saved['id']!r} (weights fingerprint {saved['fingerprint']}), "
@@ -167,7 +178,7 @@ def load_model(cls: type[OODModel], directory: str | os.PathLike, *, backbone: A
         model.threshold_ = fit_threshold(scores, 1.0 - model.alpha)
     if config.get("prediction_sets"):
         model.set_calibrator_ = PredictionSetCalibrator.from_dict(config["prediction_sets"])
-    model.info_ = {"fit": config.get("fit"), "created": config.get("created"),
+    model.info_ = {**model.info_, "fit": config.get("fit"), "created": config.get("created"),
                    "oodscope_version": config.get("oodscope_version")}
     if config.get("calibration"):
         model.info_["calibration"] = config["calibration"]

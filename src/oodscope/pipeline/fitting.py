@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from oodscope.detectors import DetectorError, registered
 from oodscope.detectors.base import Detector, check_params
 from oodscope.detectors.fitting import build_detector, class_needs, fit_detector
+from oodscope.pipeline.decisions import calibrate_on, unmatched_notes
 from oodscope.pipeline.heads import LogitsHead, fit_head, zero_shot_head
-from oodscope.pipeline.inputs import ModelData, OODModelError
+from oodscope.pipeline.inputs import ModelData, OODModelError, map_labels
 
 if TYPE_CHECKING:
     from oodscope.pipeline.model import OODModel
@@ -90,3 +91,38 @@ def fit_features(model: OODModel, data: ModelData, names: list[str] | None) -> N
     model.fit_ids_ = list(data.hashes)
     model.head_, model.class_names_, model._head_scale_from_features = fit_head(
         model.head, data.features, labels, names, model.backbone, model.head_params)
+
+
+def fit_zero_shot(model: OODModel, id_data: Any, classes: Any, calibration: Any, labels: Any, calibration_labels: Any,
+                  ids: Any, calibration_ids: Any) -> None:
+    """A zero-shot model: fitted on the class names (from ``classes``, the method parameters or the
+    calibration folders' names), then calibrated on every ID image given, if any."""
+    if id_data is not None and calibration is not None:
+        raise OODModelError(
+            f"{model.method} learns nothing from images: pass the ID images once, as calibration= "
+            "(all of them calibrate the model)"
+        )
+    cal_input = calibration if calibration is not None else id_data
+    cal_labels = calibration_labels if calibration is not None else labels
+    cal_ids = calibration_ids if calibration is not None else ids
+    cal_part = None
+    if cal_input is not None:
+        cal_part = model._data(cal_input, "calibration: ID images", labels=cal_labels, ids=cal_ids)
+    if classes is None and not model.method_params.get("classes"):
+        if cal_part is None or cal_part.labels is None or not cal_part.class_names:
+            raise OODModelError(
+                f"{model.method} is a zero-shot method: give the ID class names (classes=[...]), or ID "
+                "images in class sub-folders"
+            )
+        classes = cal_part.class_names
+    fit_class_names(model, classes)
+    model._reset_calibration()
+    model.info_["fit"] = {"n": 0, "source": "class names only", "failed": 0}
+    if cal_part is not None:
+        if cal_part.features is None:
+            raise OODModelError(f"none of the {cal_part.n} calibration images could be read")
+        notes = []
+        if cal_labels is None and cal_part.labels is not None:
+            notes = unmatched_notes(cal_part.class_names, model.class_names_)
+            cal_part.labels = map_labels(cal_part.labels, cal_part.class_names, model.class_names_)
+        calibrate_on(model, cal_part, notes)

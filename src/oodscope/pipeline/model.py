@@ -47,7 +47,7 @@ from oodscope.detectors.fitting import class_needs
 from oodscope.detectors.kinds import DetectorKind
 from oodscope.pipeline import persistence
 from oodscope.pipeline.decisions import calibrate_on, predict_chunk, unmatched_notes
-from oodscope.pipeline.fitting import check_settings, fit_class_names, fit_features
+from oodscope.pipeline.fitting import check_settings, fit_features, fit_zero_shot
 from oodscope.pipeline.heads import ClassHead
 from oodscope.pipeline.inputs import (
     ModelData,
@@ -239,8 +239,8 @@ class OODModel:
         if not 0.0 < fraction < 1.0:
             raise OODModelError(f"calibration_fraction must be in (0, 1), got {fraction}")
         if self.zero_shot:
-            return self._fit_zero_shot(id_data, classes, calibration, labels, calibration_labels, ids,
-                                       calibration_ids)
+            fit_zero_shot(self, id_data, classes, calibration, labels, calibration_labels, ids, calibration_ids)
+            return self
         if id_data is None:
             raise OODModelError(f"{self.method} learns from ID images: pass id_data (e.g. an ImageFolder)")
         if classes is not None and not isinstance(id_data, Features):
@@ -276,38 +276,6 @@ class OODModel:
                 raise OODModelError("no calibration images could be read")
             calibrate_on(self, cal_part)
             self.info_["calibration"]["fraction"] = fraction_used
-        return self
-
-    def _fit_zero_shot(self, id_data, classes, calibration, labels, calibration_labels, ids, calibration_ids):
-        if id_data is not None and calibration is not None:
-            raise OODModelError(
-                f"{self.method} learns nothing from images: pass the ID images once, as calibration= "
-                "(all of them calibrate the model)"
-            )
-        cal_input = calibration if calibration is not None else id_data
-        cal_labels = calibration_labels if calibration is not None else labels
-        cal_ids = calibration_ids if calibration is not None else ids
-        cal_part = None
-        if cal_input is not None:
-            cal_part = self._data(cal_input, "calibration: ID images", labels=cal_labels, ids=cal_ids)
-        if classes is None and not self.method_params.get("classes"):
-            if cal_part is None or cal_part.labels is None or not cal_part.class_names:
-                raise OODModelError(
-                    f"{self.method} is a zero-shot method: give the ID class names (classes=[...]), or ID "
-                    "images in class sub-folders"
-                )
-            classes = cal_part.class_names
-        fit_class_names(self, classes)
-        self._reset_calibration()
-        self.info_["fit"] = {"n": 0, "source": "class names only", "failed": 0}
-        if cal_part is not None:
-            if cal_part.features is None:
-                raise OODModelError(f"none of the {cal_part.n} calibration images could be read")
-            notes = []
-            if cal_labels is None and cal_part.labels is not None:
-                notes = unmatched_notes(cal_part.class_names, self.class_names_)
-                cal_part.labels = map_labels(cal_part.labels, cal_part.class_names, self.class_names_)
-            calibrate_on(self, cal_part, notes)
         return self
 
     def _reset_calibration(self) -> None:

@@ -371,6 +371,7 @@ def create_app(
             "multipart/form-data": {"schema": {
                 "type": "object", "required": ["images"],
                 "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                          "minItems": 1, "maxItems": cfg.max_images_per_request,
                                           "description": "image files (any field name is accepted)"},
                                "maps": {"type": "boolean", "description": "also return anomaly maps"}}}},
             "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}},
@@ -540,7 +541,16 @@ def create_app(
             extra = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, sub in extra.pop("$defs", {}).items():
                 components.setdefault(name, sub)
+            extra["properties"]["images"]["maxItems"] = service.config.max_images_per_request
             components["ScoreRequest"] = extra
+            if not service.keys.enabled:  # no keys configured: no operation asks for one
+                schema["components"].pop("securitySchemes", None)
+                for item in schema.get("paths", {}).values():
+                    for operation in item.values():
+                        if isinstance(operation, dict):
+                            operation.pop("security", None)
+                            for status in ("401", "403"):
+                                operation.get("responses", {}).pop(status, None)
             app.openapi_schema = schema
         return app.openapi_schema
 

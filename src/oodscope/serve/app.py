@@ -389,7 +389,9 @@ def create_app(
         served = service.pick(model)
         kind = media_type(request.headers.get("content-type"))
         if kind == "application/json":
-            uploads, options = parse_json_body(await request.body(), max_images=cfg_.max_images_per_request)
+            body = await request.body()
+            uploads, options = await anyio.to_thread.run_sync(
+                lambda: parse_json_body(body, max_images=cfg_.max_images_per_request), limiter=service.decode_limiter)
         elif kind == "multipart/form-data":
             try:
                 form = await request.form(max_files=cfg_.max_images_per_request + 1, max_fields=32,

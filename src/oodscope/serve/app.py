@@ -124,6 +124,8 @@ class Service:
         m, engine, alarms = self.metrics, self.engine, self.alarms
         m.live("oodscope_queue_images", "Images waiting for the model", (), lambda: {(): engine.queue_depth})
         m.live("oodscope_inflight_images", "Images admitted and not yet answered", (), lambda: {(): engine.inflight})
+        m.live("oodscope_batch_cap_images", "Images per forward pass the batcher aims at now", (),
+               lambda: {(): engine.batch_cap()})
         m.live("oodscope_queue_capacity_images", "Admission limit (images in flight)", (),
                lambda: {(): self.config.max_queue_images})
         m.live("oodscope_ood_rate", f"Fraction flagged OOD among the last {self.config.ood_rate_window} scored images",

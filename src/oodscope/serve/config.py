@@ -23,6 +23,7 @@ class ServeConfig:
     max_batch_images: int = 64
     max_wait_ms: float = 5.0
     batching: bool = True
+    adaptive_batch: bool = True
     max_queue_images: int = 512
     max_images_per_request: int = 64
     max_body_bytes: int = 32 * 1024 * 1024

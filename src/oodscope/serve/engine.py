@@ -129,6 +129,8 @@ class Engine:
         self._rate_lock = threading.Lock()
         self._images_per_second = 0.0  # smoothed service rate, for Retry-After
         self._last_prune = time.monotonic()
+        self._cost: dict[int, float] = {}  # batch-size bucket (power of two) -> smoothed seconds per image
+        self._batches = 0
         self.started = False
         self.worker_error: str | None = None
 
@@ -202,6 +204,28 @@ class Engine:
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ the model worker
+    def batch_cap(self) -> int:
+        """Images per forward pass for now: ``max_batch_images``, or with ``adaptive_batch`` the batch-size
+        bucket (1, 2, 4, ...) whose measured time per image is lowest — one bucket larger every 16th pass, to
+        keep measuring. On a CPU a larger batch is not always faster per image (memory-bound networks):
+        the service measures it rather than assuming it."""
+        cfg = self.config
+        if not cfg.batching:
+            return 1
+        if not cfg.adaptive_batch or not self._cost:
+            return cfg.max_batch_images
+        best = min(self._cost, key=self._cost.get)
+        if self._batches % 16 == 0:
+            best *= 2
+        return max(1, min(cfg.max_batch_images, 2 * best - 1))
+
+    def _measured(self, n: int, seconds: float) -> None:
+        bucket = 1 << (n.bit_length() - 1)
+        per_image = seconds / n
+        old = self._cost.get(bucket)
+        self._cost[bucket] = per_image if old is None else 0.7 * old + 0.3 * per_image
+        self._batches += 1
+
     def _next_batch(self) -> list[Job] | None:
         cfg = self.config
         with self._cond:
@@ -212,12 +236,13 @@ class Engine:
                 self._cond.wait(0.25)
             self._apply_swaps()
             first = self._jobs[0]
-            if cfg.batching and first.n < cfg.max_batch_images:
+            cap = self.batch_cap()
+            if cfg.batching and first.n < cap:
                 until = first.received + cfg.max_wait_ms / 1000.0
                 while not self._stopping:
                     waiting = sum(j.n for j in self._jobs if j.model == first.model)
                     left = until - time.monotonic()
-                    if waiting >= cfg.max_batch_images or left <= 0:
+                    if waiting >= cap or left <= 0:
                         break
                     self._cond.wait(left)
             batch = [self._jobs.popleft()]
@@ -225,7 +250,7 @@ class Engine:
                 total, keep = batch[0].n, deque()
                 while self._jobs:
                     job = self._jobs.popleft()
-                    if job.model == first.model and total + job.n <= cfg.max_batch_images:
+                    if job.model == first.model and total + job.n <= cap:
                         batch.append(job)
                         total += job.n
                     else:
@@ -277,7 +302,10 @@ class Engine:
         answers: list[ImageAnswer] = []
         for start in range(0, len(items), step):
             part = items[start:start + step]
+            began = time.monotonic()
             predictions, maps = served.score(part, maps=maps_wanted)
+            if any(item.ok for item in part):
+                self._measured(sum(item.ok for item in part), time.monotonic() - began)
             for k, (item, row) in enumerate(zip(part, predictions.rows(), strict=True)):
                 answers.append(ImageAnswer(
                     index=item.index, name=item.name, content_hash=item.digest.hex() if item.digest else None,

@@ -67,6 +67,7 @@ class ServedModel:
         self.directory = directory
         self.backbone_arg = backbone
         self.network, self.derive = derived_from(model.backbone)
+        self._card = self._make_card()  # once, here: request threads never touch the model the worker owns
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -110,6 +111,9 @@ class ServedModel:
         return callable(getattr(self.model.detector_, "anomaly_maps", None))
 
     def card(self) -> dict[str, Any]:
+        return self._card
+
+    def _make_card(self) -> dict[str, Any]:
         summary = self.model.summary()
         summary = {k: v for k, v in summary.items() if k not in ("fit", "calibration")} | {
             "fit": _without_failures(summary.get("fit")),

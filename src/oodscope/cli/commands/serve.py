@@ -52,6 +52,9 @@ def register(sub) -> None:
     limits.add_argument("--max-batch", type=int, default=64, help="images per forward pass")
     limits.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     limits.add_argument("--no-batching", action="store_true", help="one request per forward pass")
+    limits.add_argument("--fixed-batch", action="store_true",
+                        help="always gather up to --max-batch images (default: the batch size measured fastest per "
+                             "image, up to --max-batch)")
     limits.add_argument("--max-queue", type=int, default=512, help="images in flight beyond which requests get 503")
     limits.add_argument("--max-images", type=int, default=64, help="images per request")
     limits.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (413 beyond)")
@@ -66,6 +69,8 @@ def register(sub) -> None:
     model.add_argument("--backbone-factory", default=None, metavar="MODULE:CALLABLE",
                        help="for models fitted on a backbone object: a function returning that backbone")
     model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    model.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads for the forward pass (default: torch's choice, one per core)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
 
@@ -160,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
         config = ServeConfig(
             max_batch_images=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
+            adaptive_batch=not args.fixed_batch,
             max_queue_images=args.max_queue, max_images_per_request=args.max_images,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
             request_timeout_s=args.timeout, store_images=args.store_images, retention_days=args.retention_days,
@@ -168,6 +174,12 @@ def run(args: argparse.Namespace) -> int:
         factory = _factory(args.backbone_factory)
     except (KeyFileError, ValueError) as err:
         return _fail(str(err))
+    if args.threads is not None:
+        if args.threads < 1:
+            return _fail(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     import uvicorn
 
     from oodscope.serve import create_app

@@ -1,7 +1,7 @@
 """Imports point down only: each package of oodscope imports from the layers below it, never above.
 
 The order (docs/architecture.md): io -> backbones -> features -> text -> detectors -> calibration ->
-pipeline -> evaluation -> reports -> cli (and the demo, which the CLI runs). Every ``import`` and
+pipeline -> engines -> evaluation -> reports -> cli (and the demo, which the CLI runs). Every ``import`` and
 ``from ... import`` of an ``oodscope.*`` module anywhere in a file counts, lazy ones inside
 functions included.
 """
@@ -15,8 +15,8 @@ import pytest
 
 import oodscope
 
-ORDER = ["io", "backbones", "features", "text", "detectors", "calibration", "pipeline", "evaluation", "reports",
-         "serve", "cli"]
+ORDER = ["io", "backbones", "features", "text", "detectors", "calibration", "pipeline", "engines", "evaluation",
+         "reports", "serve", "cli"]
 #: Top-level modules and the layer they belong to.
 MODULE_LAYER = {"demo": "cli", "__init__": None, "__main__": "cli"}
 ROOT = Path(oodscope.__file__).parent

@@ -41,6 +41,7 @@ from oodscope.cli.commands._common import (
     default_cache_dir,
     people,
 )
+from oodscope.cli.commands._engine import add_engine_options, bench_features_on_ray, check_engine_args, uses_ray
 
 HELP = "benchmark detectors x backbones on ID vs OOD sets (tables + HTML report)"
 #: What an earlier ``oodscope bench`` leaves in its output directory (rewritten without --overwrite).
@@ -54,6 +55,7 @@ def register(sub) -> None:
     add_overwrite_option(parser, "write the results into a directory that holds other files")
     add_max_pixels_option(parser)
     parser.add_argument("--list-datasets", action="store_true", help="list registered data sets and benchmarks")
+    add_engine_options(parser, "feature extraction")  # --engine / --address (issue 13: cli/commands/_engine.py)
     parser.set_defaults(func=run)
 
 
@@ -202,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
     with checking():
         cfg = build_config(args)
         check_config(cfg, args.overwrite)
+        check_engine_args(args)  # --engine ray: Ray installed, --address well formed (issue 13)
+    if uses_ray(args):  # --engine ray (issue 13): every set's features extracted on the cluster into the cache
+        bench_features_on_ray(cfg, args)
     try:
         result = run_benchmark(cfg)
     except (ValueError, LookupError) as err:

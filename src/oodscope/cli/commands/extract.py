@@ -33,6 +33,7 @@ from oodscope.cli.commands._common import (
     print_failures,
     write_jsonl,
 )
+from oodscope.cli.commands._engine import add_engine_options, check_engine_args, extract_on_ray, uses_ray
 
 HELP = "extract features of a folder / list / data set into a resumable store"
 #: What an earlier ``oodscope extract`` leaves in its directory (a feature store's manifest, the summary).
@@ -51,6 +52,7 @@ def register(sub) -> None:
     parser.add_argument("--limit", type=counted(1), default=None, help="only the first N images")
     add_backbone_options(parser)
     add_max_pixels_option(parser)
+    add_engine_options(parser, "extraction")  # --engine / --address (issue 13: cli/commands/_engine.py)
     parser.set_defaults(func=run)
 
 
@@ -69,9 +71,13 @@ def run(args: argparse.Namespace) -> int:
             source = Subset(source, np.arange(min(args.limit, len(source))))
         options = {"patches": True} if args.patches else {}
         backbone = create(args.backbone, device=args.device, **options)  # an unknown spec is refused here
+        check_engine_args(args)  # --engine ray: Ray installed, --address well formed (issue 13)
     args.output.mkdir(parents=True, exist_ok=True)
-    result = extract(backbone, source, batch_size=args.batch_size, num_workers=args.num_workers,
-                     cache_dir=args.output, keep_in_memory=False, description=f"extract {backbone.id}")
+    if uses_ray(args):  # --engine ray (issue 13): the same store and files, computed on a Ray cluster
+        result = extract_on_ray(args, source, f"extract {backbone.id}")
+    else:
+        result = extract(backbone, source, batch_size=args.batch_size, num_workers=args.num_workers,
+                         cache_dir=args.output, keep_in_memory=False, description=f"extract {backbone.id}")
     labels = result.labels.tolist() if result.labels is not None else [None] * len(result.indices)
     write_jsonl(args.output / "items.jsonl", (
         {"index": int(i), "item": item, "hash": h.hex(), "label": lab}

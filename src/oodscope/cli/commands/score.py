@@ -41,6 +41,7 @@ from oodscope.cli.commands._common import (
     level,
     print_failures,
 )
+from oodscope.cli.commands._engine import add_engine_options, check_engine_args, score_on_ray, uses_ray
 
 HELP = "score images with a fitted model: p-values, OOD decisions, ID class, prediction sets"
 CSV_SET_SEPARATOR = "|"
@@ -65,6 +66,7 @@ def register(sub) -> None:
     parser.add_argument("--no-cache", action="store_true", help="do not use the feature cache ($OODSCOPE_CACHE)")
     add_backbone_options(parser)
     add_max_pixels_option(parser)
+    add_engine_options(parser, "scoring")  # --engine / --address (issue 13: cli/commands/_engine.py)
     parser.set_defaults(func=run)
 
 
@@ -151,7 +153,10 @@ WRITERS = {"table": _TableWriter, "csv": _CsvWriter, "jsonl": _JsonlWriter}
 def run(args: argparse.Namespace) -> int:
     from oodscope.pipeline import OODModel, Predictions
 
+    if uses_ray(args):  # --engine ray (issue 13): Parquet partitions in -o DIR, computed on a Ray cluster
+        return score_on_ray(args, check)
     with checking():
+        check_engine_args(args)  # --address without --engine ray is refused (issue 13)
         source = check(args)
     model = OODModel.load(args.model, device=args.device, cache_dir=None if args.no_cache else default_cache_dir(),
                           batch_size=args.batch_size, num_workers=args.num_workers)

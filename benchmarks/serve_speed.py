@@ -155,6 +155,7 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=64, help="oodscope serve --max-batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server and of predict")
     parser.add_argument("--fixed-batch", action="store_true", help="oodscope serve --fixed-batch (no adaptive cap)")
+    parser.add_argument("--store-sync", default="full", choices=("full", "normal"), help="oodscope serve --store-sync")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from oodscope.serve.testing import ServiceProcess
@@ -173,6 +174,7 @@ def main() -> int:
                     flags += ["--threads", str(args.threads)]
                 if args.fixed_batch:
                     flags.append("--fixed-batch")
+                flags += ["--store-sync", args.store_sync]
                 if not batching:
                     flags.append("--no-batching")
                 with ServiceProcess(flags, env=env(), log_path=work / "server.log") as server:
@@ -190,7 +192,8 @@ def main() -> int:
             torch.set_num_threads(args.threads)
         results.update(offline_rates(model_dir, blobs, args.backbone, work, with_cli=args.backbone != "tiny"))
         results.update(max_batch=args.max_batch, threads=args.threads, max_wait_ms=args.max_wait_ms,
-                       adaptive_batch=not args.fixed_batch)
+                       adaptive_batch=not args.fixed_batch, store_sync=args.store_sync,
+                       images_per_request=args.images_per_request)
     best = max(r["images_per_s"] for r in results["runs"] if r["batching"])
     results["service_images_per_s"] = best
     results["ratio_to_predict"] = best / results["predict_images_per_s"]

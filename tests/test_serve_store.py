@@ -106,7 +106,7 @@ def test_migrations_upgrade_an_old_store_and_refuse_a_newer_one(store_url):
 WRITER = textwrap.dedent("""
     import os, sys, time
     from oodscope.serve.store import Store
-    store = Store.open(sys.argv[1])
+    store = Store.open(sys.argv[1], sync=sys.argv[2])
     n = 0
     while True:
         rows = [{"time": time.time(), "request_id": f"r{n}", "item": f"i{n}-{k}", "model": "m",
@@ -118,10 +118,18 @@ WRITER = textwrap.dedent("""
 
 
 def test_kill_9_loses_no_committed_batch(store_url, tmp_path):
+    kill_writer_and_check(store_url, tmp_path, "full")
+
+
+def test_kill_9_loses_nothing_with_sync_normal_either(tmp_path):
+    kill_writer_and_check(f"sqlite:///{tmp_path / 'normal.db'}", tmp_path, "normal")
+
+
+def kill_writer_and_check(store_url, tmp_path, sync):
     Store.open(store_url).close()
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    child = subprocess.Popen([sys.executable, str(script), store_url], stdout=subprocess.PIPE, text=True,
+    child = subprocess.Popen([sys.executable, str(script), store_url, sync], stdout=subprocess.PIPE, text=True,
                              stdin=subprocess.DEVNULL)
     acknowledged = []
     try:

@@ -325,7 +325,7 @@ def create_app(
         values = {name: getattr(cfg, name) for name in ServeConfig.names()} | settings
         cfg = ServeConfig(**values)
     served = _served_models(models, backbone, device)
-    the_store = store if isinstance(store, Store) else Store.open(store)
+    the_store = store if isinstance(store, Store) else Store.open(store, sync=cfg.store_sync)
     service = Service(served, the_store, _keyring(api_keys), cfg)
     ref = {"service": service}
 

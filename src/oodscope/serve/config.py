@@ -31,6 +31,7 @@ class ServeConfig:
     request_timeout_s: float = 30.0
     decode_threads: int = max(2, os.cpu_count() or 2)
     store_images: bool = False
+    store_sync: str = "full"
     retention_days: float | None = None
     retention_records: int | None = None
     prune_interval_s: float = 300.0
@@ -70,6 +71,8 @@ class ServeConfig:
         if self.max_images_per_request > self.max_queue_images:
             raise ValueError("max_images_per_request must not exceed max_queue_images (such a request could never "
                              "be admitted)")
+        if self.store_sync not in ("full", "normal"):
+            raise ValueError(f"store_sync must be 'full' or 'normal', got {self.store_sync!r}")
         if self.webhook_url is not None and not self.webhook_url.startswith(("http://", "https://")):
             raise ValueError(f"webhook_url must start with http:// or https://, got {self.webhook_url!r}")
 

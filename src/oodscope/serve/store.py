@@ -1,12 +1,12 @@
 """The monitoring store: one record per scored image, alarm history and alarm state, through SQLAlchemy.
 
-SQLite by default (a file, WAL journal, ``synchronous=FULL``: a committed transaction survives a
-``kill -9`` of the server and a power cut), PostgreSQL by URL (``postgresql://user@host/db``, through
-psycopg 3) — the same schema. The schema is versioned: ``oodscope_schema_version`` holds the
-version of every migration applied, :data:`MIGRATIONS` lists them in order and :meth:`Store.open`
-applies the missing ones (each in its own transaction, under a lock: ``BEGIN IMMEDIATE`` on SQLite,
-an advisory lock on PostgreSQL). A store written by a newer oodscope (a version this one does not
-know) is refused rather than guessed at.
+SQLite by default (a file, WAL journal, ``synchronous=FULL``: a committed transaction survives a ``kill
+-9`` of the server and a power cut; ``sync="normal"``: it survives ``kill -9`` but not a machine crash),
+PostgreSQL by URL (``postgresql://user@host/db``, through psycopg 3) — the same schema. The schema is
+versioned: ``oodscope_schema_version`` holds the version of every migration applied, :data:`MIGRATIONS`
+lists them in order and :meth:`Store.open` applies the missing ones (each in its own transaction, under
+a lock: ``BEGIN IMMEDIATE`` on SQLite, an advisory lock on PostgreSQL). A store written by a newer
+oodscope (a version this one does not know) is refused rather than guessed at.
 
 Tables (prefix ``oodscope_``):
 
@@ -199,13 +199,16 @@ def redacted(url: str) -> str:
         return "<store>"
 
 
-def _sqlite_setup(engine: Engine) -> None:
+SYNC_MODES = ("full", "normal")
+
+
+def _sqlite_setup(engine: Engine, sync: str = "full") -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record) -> None:  # noqa: ANN001 - SQLAlchemy hook
         dbapi_connection.isolation_level = None  # transactions are begun by the hook below
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={sync.upper()}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
@@ -226,8 +229,16 @@ class Store:
 
     # ------------------------------------------------------------------ opening and migrations
     @classmethod
-    def open(cls, spec: str | Path = DEFAULT_STORE, *, migrate: bool = True, target: int | None = None) -> Store:
-        """Open (and by default create or upgrade) the store at ``spec`` (a URL or a SQLite path)."""
+    def open(cls, spec: str | Path = DEFAULT_STORE, *, migrate: bool = True, target: int | None = None,
+             sync: str = "full") -> Store:
+        """Open (and by default create or upgrade) the store at ``spec`` (a URL or a SQLite path).
+
+        ``sync`` (SQLite): ``"full"`` fsyncs every commit (a committed record survives ``kill -9`` and a power
+        cut); ``"normal"`` leaves the WAL to the OS (it survives ``kill -9`` of the server — the OS keeps the
+        written pages — but not a crash of the machine), for a lower commit latency.
+        """
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
         url = store_url(spec)
         try:
             if url.startswith("sqlite"):
@@ -236,7 +247,7 @@ class Store:
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
                 engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                        pool_size=8, max_overflow=8)
-                _sqlite_setup(engine)
+                _sqlite_setup(engine, sync)
             else:
                 engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
             store = cls(url, engine)

@@ -46,6 +46,9 @@ def register(sub) -> None:
     store.add_argument("--store", default="oodscope-store.db", metavar="URL",
                        help="SQLite file or sqlite:///PATH, or postgresql://user@host/db")
     store.add_argument("--store-images", action="store_true", help="also keep every scored image in the store")
+    store.add_argument("--store-sync", default="full", choices=("full", "normal"),
+                       help="SQLite: fsync every commit (full: survives kill -9 and power loss) or leave the WAL to "
+                            "the OS (normal: survives kill -9, not a machine crash)")
     store.add_argument("--retention-days", type=float, default=None, help="delete records older than this")
     store.add_argument("--retention-records", type=int, default=None, help="keep at most this many records")
     limits = parser.add_argument_group("batching and limits")
@@ -168,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
             adaptive_batch=not args.fixed_batch,
             max_queue_images=args.max_queue, max_images_per_request=args.max_images,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_pixels=args.max_pixels,
-            request_timeout_s=args.timeout, store_images=args.store_images, retention_days=args.retention_days,
+            request_timeout_s=args.timeout, store_images=args.store_images, store_sync=args.store_sync,
+            retention_days=args.retention_days,
             retention_records=args.retention_records, shift_delta=args.alarm_delta, webhook_url=args.webhook,
             metrics_require_key=not args.metrics_open)
         factory = _factory(args.backbone_factory)

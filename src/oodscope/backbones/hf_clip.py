@@ -2,8 +2,23 @@
 
 Preprocessing is done by oodscope (Pillow/NumPy) from the model's ``preprocessor_config.json``:
 CLIP resizes the shorter side and centre-crops; SigLIP resizes to a square. Image embeddings are
-L2-normalized in the joint space; ``patches`` are the vision tokens (without CLS) after the final
-layer norm and the visual projection (the GL-MCM recipe), left unnormalized.
+L2-normalized in the joint space.
+
+``patches`` (the option ``patches=True`` / ``"dense"`` / ``"tokens"``) adds one local feature per
+image patch (without CLS), left unnormalized:
+
+- ``"dense"`` (the default when patches are asked for; GL-MCM's official local features): the last
+  vision block is run again with its self-attention replaced by the value path, i.e. for the input
+  ``x`` of the last block ``v = x + out_proj(v_proj(ln_1(x)))``, ``v = v + mlp(ln_2(v))``, then the
+  final layer norm and the visual projection. This is what AtsuMiyai/GL-MCM ``clip/model.py``
+  (``ResidualAttentionBlock.forward`` / ``VisionTransformer.forward``) computes, as MaskCLIP does;
+  the patches then live in the joint image-text space. The official code's ResNet variant
+  (``c_proj(v_proj(x))`` in the attention pool) has no counterpart here: transformers' CLIP is
+  ViT-only. For SigLIP the same value path is applied to its last encoder layer, followed by its
+  final layer norm (SigLIP has no projection); no official GL-MCM code exists for SigLIP.
+- ``"tokens"`` (what oodscope computed before): the ordinary last-layer patch tokens after the final layer
+  norm and the visual projection (SigLIP: the last hidden state). Recorded in the backbone id
+  (``hf:<model>?patches=tokens``) so caches, saved models and reports never mix the two.
 """
 
 from __future__ import annotations
@@ -22,6 +37,18 @@ from oodscope.backbones.base import Features, InputSpec
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUPPORTED = ("clip", "siglip", "siglip2")
+PATCH_KINDS = ("dense", "tokens")
+
+
+def patch_kind(patches: bool | str | None) -> str | None:
+    """``patches`` option -> ``"dense"``, ``"tokens"`` or ``None`` (no patches); ``True`` means dense."""
+    if patches is None or patches is False:
+        return None
+    if patches is True:
+        return "dense"
+    if patches in PATCH_KINDS:
+        return str(patches)
+    raise ValueError(f"patches must be True, False, 'dense' or 'tokens', got {patches!r}")
 
 
 class HFVisionLanguage:
@@ -32,7 +59,7 @@ class HFVisionLanguage:
         name_or_path: str,
         *,
         device: str | None = None,
-        patches: bool = False,
+        patches: bool | str = False,
         local_files_only: bool | None = None,
         half_on_cuda: bool = True,
     ) -> None:
@@ -44,9 +71,12 @@ class HFVisionLanguage:
         self.is_local = Path(name_or_path).is_dir()
         self.local_files_only = self.is_local if local_files_only is None else local_files_only
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.want_patches = patches
+        self.patch_kind = patch_kind(patches)
+        self.want_patches = self.patch_kind is not None
         self.half_on_cuda = half_on_cuda
         self.id = f"hf:{Path(name_or_path).resolve() if self.is_local else name_or_path}"
+        if self.patch_kind == "tokens":  # the old local features: never confused with the dense ones
+            self.id += "?patches=tokens"
         from transformers import AutoConfig
 
         self.config = AutoConfig.from_pretrained(name_or_path, local_files_only=self.local_files_only)
@@ -107,15 +137,36 @@ class HFVisionLanguage:
     def encode_images(self, batch: torch.Tensor) -> Features:
         x = batch.to(self.device).contiguous()
         use_half = self.half_on_cuda and x.is_cuda
+        dense = self.want_patches and self.patch_kind == "dense"
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_half):
-            out = self.model.vision_model(pixel_values=x)
+            vision = self.model.vision_model
+            captured: dict[str, torch.Tensor] = {}
+            hook = None
+            if dense:  # the input of the last block, for the value path
+                def keep_input(_module, args, kwargs):
+                    captured["x"] = args[0] if args else kwargs["hidden_states"]
+
+                hook = vision.encoder.layers[-1].register_forward_pre_hook(keep_input, with_kwargs=True)
+            try:
+                out = vision(pixel_values=x)
+            finally:
+                if hook is not None:
+                    hook.remove()
             if self.kind == "clip":
                 embedding = self.model.visual_projection(out.pooler_output)
-                tokens = self.model.vision_model.post_layernorm(out.last_hidden_state[:, 1:, :])
-                patches = self.model.visual_projection(tokens) if self.want_patches else None
+                if dense:
+                    local = vision.post_layernorm(value_path(vision.encoder.layers[-1], captured["x"])[:, 1:, :])
+                    patches = self.model.visual_projection(local)
+                elif self.want_patches:
+                    patches = self.model.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:, :]))
+                else:
+                    patches = None
             else:  # SigLIP: no CLS token and no projection; tokens are already layer-normed
                 embedding = out.pooler_output
-                patches = out.last_hidden_state if self.want_patches else None
+                if dense:
+                    patches = vision.post_layernorm(value_path(vision.encoder.layers[-1], captured["x"]))
+                else:
+                    patches = out.last_hidden_state if self.want_patches else None
         embedding = torch.nn.functional.normalize(embedding.float(), dim=-1)
         return Features(
             embedding=embedding.cpu().numpy(),
@@ -143,3 +194,11 @@ class HFVisionLanguage:
                 pooled = self.model.text_projection(pooled)
             out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.config.projection_dim), np.float32)
+
+
+def value_path(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A transformer encoder layer with self-attention replaced by its value path (MaskCLIP / GL-MCM):
+    ``v = x + out_proj(v_proj(ln_1(x)))``, then ``v + mlp(ln_2(v))``."""
+    attn = layer.self_attn
+    v = x + attn.out_proj(attn.v_proj(layer.layer_norm1(x)))
+    return v + layer.mlp(layer.layer_norm2(v))

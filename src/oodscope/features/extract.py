@@ -111,7 +111,9 @@ def backbone_config(backbone) -> dict:
         "backbone_id": backbone.id,
         "weights": backbone.weights_fingerprint(),
         "preprocessing": backbone.input_spec.key(),
-        "patches": bool(getattr(backbone, "want_patches", False)),
+        # which local features, where a backbone has several kinds (hf: "dense" or "tokens")
+        "patches": (getattr(backbone, "patch_kind", None) or True) if getattr(backbone, "want_patches", False)
+        else False,
         "layers": bool(getattr(backbone, "want_layers", False)),
     }
 

@@ -369,3 +369,18 @@ def test_a_shift_raises_the_alarm_on_metrics_and_webhook_and_a_restart_keeps_it(
         assert reset["alarm"] is False and reset["epoch"] == 2 and reset["log10_martingale"] == pytest.approx(0.0)
         assert 'oodscope_shift_alarm{model="digits"} 0' in client.get("/metrics").text
         assert _wait_for(lambda: any(e["event"] == "shift_alarm_reset" for e in events))
+
+
+def test_refused_configurations(model_dir, tmp_path):
+    from oodscope.pipeline import OODModelError
+
+    with pytest.raises(TypeError, match="unknown setting"):
+        create_app(model_dir, store=tmp_path / "s.db", backbone=tiny_classifier, max_batch=3)
+    with pytest.raises(ValueError, match="max_images_per_request must not exceed"):
+        create_app(model_dir, store=tmp_path / "s.db", backbone=tiny_classifier, max_queue_images=2)
+    uncalibrated = load_model(model_dir)
+    uncalibrated.pvalues_ = None
+    with pytest.raises(OODModelError, match="not calibrated"):
+        create_app({"raw": uncalibrated}, store=tmp_path / "s.db")
+    with pytest.raises(ValueError, match="model name"):
+        create_app({"bad name!": model_dir}, store=tmp_path / "s.db", backbone=tiny_classifier)

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from oodscope import __version__
 from oodscope.pipeline import OODModel
 from oodscope.serve.alarms import AlarmManager, AlarmSettings
-from oodscope.serve.auth import ApiKey, KeyRing, load_keys
+from oodscope.serve.auth import ApiKey, KeyRing, bearer_token, load_keys
 from oodscope.serve.config import ServeConfig
 from oodscope.serve.decode import RequestError, media_type, parse_form, parse_json_body, prepare
 from oodscope.serve.engine import Engine, Job, JobTimeout, ModelFailure, Overloaded, ShuttingDown, StoreFailure
@@ -209,10 +209,13 @@ def _keyring(api_keys: Any) -> KeyRing:
 
 # ------------------------------------------------------------------------------------------- ASGI guards
 class Guard:
-    """Outermost ASGI layer: request id, request metrics, and the body limit (413 before the app reads it)."""
+    """Outermost ASGI layer: request id, request metrics, the body limit (413 before the app reads the body), a
+    key check before any body is buffered (when keys are configured), and a cap on the bytes of bodies
+    being received at once (503 beyond it)."""
 
     def __init__(self, app: Any, service_ref: dict[str, Service]) -> None:
         self.app, self.ref = app, service_ref
+        self.buffered = 0  # bytes of request bodies held right now (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
         if scope["type"] != "http":
@@ -249,28 +252,53 @@ class Guard:
                                    f"the request body is larger than the limit of {limit} bytes", request_id)
                 return
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = bytearray()
-                more = True
-                while more:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
+                ring = service.keys
+                if ring.enabled and scope.get("path", "").startswith("/v1/"):
+                    # Refuse a request without a valid key before buffering its body (scopes: in the route).
+                    token = bearer_token(headers.get("authorization"))
+                    if token is None or ring.identify(token) is None:
+                        await _plain_error(send_with_id, 401, "unauthorized", "a valid API key is needed: "
+                                           "Authorization: Bearer KEY", request_id,
+                                           [(b"www-authenticate", b"Bearer")])
                         return
-                    body += message.get("body", b"")
-                    more = message.get("more_body", False)
-                    if len(body) > limit:
-                        service.metrics.rejected.inc("too_large")
-                        await _plain_error(send_with_id, 413, "body_too_large",
-                                           f"the request body is larger than the limit of {limit} bytes", request_id)
-                        return
-                replayed = {"done": False}
+                chunks: list[bytes] = []
+                size = 0
+                try:
+                    more = True
+                    while more:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            return
+                        chunk = message.get("body", b"")
+                        more = message.get("more_body", False)
+                        size += len(chunk)
+                        self.buffered += len(chunk)
+                        chunks.append(chunk)
+                        if size > limit:
+                            service.metrics.rejected.inc("too_large")
+                            await _plain_error(send_with_id, 413, "body_too_large",
+                                               f"the request body is larger than the limit of {limit} bytes",
+                                               request_id)
+                            return
+                        if self.buffered > max(4 * limit, 64 * 1024 * 1024):
+                            service.metrics.rejected.inc("overload")
+                            await _plain_error(send_with_id, 503, "overloaded", "too many request bodies are being "
+                                               "received at once; retry shortly", request_id,
+                                               [(b"retry-after", b"1")])
+                            return
+                    body = b"".join(chunks)
+                    chunks.clear()
+                    replayed = {"done": False}
 
-                async def replay():
-                    if not replayed["done"]:
-                        replayed["done"] = True
-                        return {"type": "http.request", "body": bytes(body), "more_body": False}
-                    return await receive()
+                    async def replay():
+                        if not replayed["done"]:
+                            replayed["done"] = True
+                            return {"type": "http.request", "body": body, "more_body": False}
+                        return await receive()
 
-                await self.app(scope, replay, send_with_id)
+                    await self.app(scope, replay, send_with_id)
+                finally:
+                    self.buffered -= size
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
@@ -280,11 +308,12 @@ class Guard:
             service.metrics.latency.observe(name, value=time.monotonic() - started)
 
 
-async def _plain_error(send, status: int, code: str, detail: str, request_id: str) -> None:  # noqa: ANN001
+async def _plain_error(send, status: int, code: str, detail: str, request_id: str,  # noqa: ANN001
+                       extra: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"detail": detail, "code": code, "request_id": request_id}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *(extra or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -396,7 +425,7 @@ def create_app(
                 lambda: parse_json_body(body, max_images=cfg_.max_images_per_request), limiter=service.decode_limiter)
         elif kind == "multipart/form-data":
             try:
-                form = await request.form(max_files=cfg_.max_images_per_request + 1, max_fields=32,
+                form = await request.form(max_files=max(1000, cfg_.max_images_per_request + 1), max_fields=32,
                                           max_part_size=cfg_.max_body_bytes)
             except StarletteHTTPException as err:
                 raise RequestError(400, "invalid_multipart", f"the multipart body cannot be parsed: {err.detail}") \

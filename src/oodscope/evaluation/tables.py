@@ -50,6 +50,32 @@ def ranked_tables(rows: Sequence[Mapping[str, Any]], sets: Sequence[str]) -> lis
     return tables
 
 
+_AVERAGES = ("near-average", "far-average", "all-average")
+
+
+def shown_sets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One backbone's columns: every OOD set, then the averages that say something new.
+
+    An average over a single set is that set again, and a near (far) average over the very sets the
+    all-average covers repeats the all-average: both are left out (the runner writes near /
+    far averages for any non-empty group, the all-average only for two sets or more).
+    """
+    sets = list(dict.fromkeys(r["set"] for r in rows if r.get("kind") != "average"))
+    members = {"near-average": {r["set"] for r in rows if r.get("kind") == "near"},
+               "far-average": {r["set"] for r in rows if r.get("kind") == "far"},
+               "all-average": set(sets)}
+    present = list(dict.fromkeys(r["set"] for r in rows if r.get("kind") == "average"))
+    shown = []
+    for s in present:
+        group = members.get(s)
+        if group is not None and len(group) < 2:
+            continue
+        if s != "all-average" and group == members["all-average"] and "all-average" in present:
+            continue
+        shown.append(s)
+    return sets + sorted(shown, key=lambda s: _AVERAGES.index(s) if s in _AVERAGES else len(_AVERAGES))
+
+
 def markdown(payload: Mapping[str, Any]) -> str:
     """Markdown summary: one table per backbone (AUROC / FPR95 in %, per set and averaged)."""
     rows = payload["results"]
@@ -65,7 +91,7 @@ def markdown(payload: Mapping[str, Any]) -> str:
     for table in ranked_tables(rows, sets):
         backbone = table.backbone
         mine = [r for r in rows if r["backbone"] == backbone]
-        columns = sets + [s for s in ("near-average", "far-average", "all-average") if any(r["set"] == s for r in mine)]
+        columns = shown_sets(mine)
         lines += [f"## {backbone}", "", f"Sorted by AUROC on `{table.ranking}`, best first.", "",
                   "| detector | " + " | ".join(columns) + " | ID acc. | fit s | score s |",
                   "|---|" + "---|" * (len(columns) + 3)]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from oodscope.evaluation.tables import RankedTable
+from oodscope.evaluation.tables import RankedTable, shown_sets
 from oodscope.reports import plots
 from oodscope.reports.markup import escape, figure, styled_table
 
@@ -47,30 +47,6 @@ def _results_table(sets: Sequence[str], rows: Sequence[Sequence[Any]], best: Map
     return "".join(out)
 
 
-_AVERAGES = ("near-average", "far-average", "all-average")
-
-
-def _shown_sets(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One backbone's columns: every OOD set, then the averages that say something new.
-
-    An average over a single set is that set again, and a near (far) average over the very sets the
-    all-average covers repeats the all-average: both are left out (``evaluation.bench`` writes near /
-    far averages for any non-empty group, the all-average only for two sets or more).
-    """
-    sets = list(dict.fromkeys(r["set"] for r in rows if r.get("kind") != "average"))
-    members = {"near-average": {r["set"] for r in rows if r.get("kind") == "near"},
-               "far-average": {r["set"] for r in rows if r.get("kind") == "far"},
-               "all-average": set(sets)}
-    present = list(dict.fromkeys(r["set"] for r in rows if r.get("kind") == "average"))
-    shown = []
-    for s in present:
-        group = members.get(s)
-        if group is not None and len(group) < 2:
-            continue
-        if s != "all-average" and group == members["all-average"] and "all-average" in present:
-            continue
-        shown.append(s)
-    return sets + sorted(shown, key=lambda s: _AVERAGES.index(s) if s in _AVERAGES else len(_AVERAGES))
 
 
 def report_colours(payload: Mapping[str, Any], tables: Sequence[RankedTable]) -> dict[str, str]:
@@ -110,7 +86,7 @@ def summary_section(payload: Mapping[str, Any], tables: Sequence[RankedTable],
     for table in tables:
         backbone = table.backbone
         mine = [r for r in rows if r["backbone"] == backbone]
-        sets = _shown_sets(mine)
+        sets = shown_sets(mine)
         detectors = table.detectors
         table_rows, values = [], []
         for det in detectors:
@@ -170,7 +146,7 @@ def figures_section(results_dir: Path, payload: Mapping[str, Any], tables: Seque
         scores = {det: _load_scores(results_dir, files[det]) for det in detectors}
         out.append(f"<h3 id='{_anchor('figures', backbone)}'>{escape(backbone)}</h3>")
         # Overview heat map of AUROC.
-        columns = ood_sets + [s for s in _shown_sets(mine) if s not in ood_sets]
+        columns = ood_sets + [s for s in shown_sets(mine) if s not in ood_sets]
         grid = np.full((len(detectors), len(columns)), np.nan)
         for r in mine:
             if r["set"] in columns and r["detector"] in detectors:

@@ -180,7 +180,7 @@ def test_glmcm_with_zero_local_weight_is_mcm() -> None:
 def neglabel_reference(x, t_id, t_neg, groups, tau):
     pos = np.exp(cos(x, t_id) / tau).sum(axis=1)
     per_group = []
-    for g in np.unique(groups):
+    for g in np.unique(groups[groups >= 0]):  # -1: dropped (the official recipe drops M mod ng)
         neg = np.exp(cos(x, t_neg[groups == g]) / tau).sum(axis=1)
         per_group.append(pos / (pos + neg))
     return -np.mean(per_group, axis=0)
@@ -202,7 +202,8 @@ def test_neglabel_matches_numpy_formula(ngroups: int) -> None:
     det.fit(text_encoder=VocabEncoder(VOCAB))
     t_neg = unit(np.stack([VOCAB[w.split("\t")[0]] for w in negs]))
     groups = det.state_["negative_group"].numpy()
-    assert sorted(np.unique(groups)) == list(range(ngroups))
+    assert sorted(np.unique(groups[groups >= 0])) == list(range(ngroups))
+    assert (groups < 0).sum() == len(negs) % ngroups  # the official recipe drops M mod ng negatives
     np.testing.assert_allclose(det.score(X), neglabel_reference(X, T_ID, t_neg, groups, 0.5), rtol=1e-6)
     assert det.fit_info_["negative_pos"] == ["noun", "noun", "adj", "noun", "noun"]
     # the no-grouping score by hand for one image
@@ -257,7 +258,9 @@ def test_negative_mining_selects_farthest_words() -> None:
     lexicon = Lexicon(
         ("stone", "rock", "kitten", "puppy", "windy", "cat"), ("noun", "noun", "noun", "noun", "adj", "noun")
     )
-    det = create("neglabel", classes=CLASSES, num_negatives=2, ngroups=1).fit(text_encoder=enc, lexicon=lexicon)
+    det = create("neglabel", classes=CLASSES, recipe="oodscope-v1", num_negatives=2, ngroups=1)
+    det.fit(text_encoder=enc, lexicon=lexicon)
+    # joint selection (recipe oodscope-v1)
     # 95th percentile of cosines to (cat, dog, bird): windy -0.058, stone 0, rock 0.095, puppy, kitten high
     assert det.fit_info_["negative_words"] == ["windy", "stone"]
     assert det.fit_info_["num_candidates"] == 5  # the ID name "cat" is never a candidate
@@ -331,7 +334,8 @@ def _grouped_mass(pos, neg, groups):
     if neg.shape[1] == 0:
         return np.ones(len(pos))
     log_p = logsumexp(pos, axis=1)
-    return np.mean([expit(log_p - logsumexp(neg[:, groups == g], axis=1)) for g in np.unique(groups)], axis=0)
+    used = np.unique(groups[groups >= 0])
+    return np.mean([expit(log_p - logsumexp(neg[:, groups == g], axis=1)) for g in used], axis=0)
 
 
 def adaneg_reference(batches, t_id, t_neg, groups, *, tau, size, gamma, gap, lam, sample_adaptive, beta):
@@ -380,6 +384,7 @@ def _adaneg_setup(sample_adaptive: bool, **overrides):
     params = dict(
         classes=words[:3], negatives=words[3:], ngroups=3, temperature=0.1, memory_size=2, batch_size=4,
         sample_adaptive=sample_adaptive, beta=2.0, gap=0.3, vanilla_weight=0.1,
+        official=False, recipe="oodscope-v1",  # oodscope's earlier reading (L images); official: test_vlm_fidelity
     )
     params.update(overrides)
     det = create("adaneg", **params).fit(text_encoder=enc)
@@ -422,7 +427,7 @@ def test_adaneg_without_caching_is_scaled_neglabel() -> None:
     # gap = 1: thresholds 1 and 0 are never crossed, nothing is cached, proxies stay the texts.
     det, x, *_ = _adaneg_setup(False, gap=1.0)
     neg = create(
-        "neglabel", classes=det.classes, negatives=det.negatives, ngroups=3, temperature=0.1
+        "neglabel", classes=det.classes, negatives=det.negatives, ngroups=3, temperature=0.1, recipe="oodscope-v1"
     ).fit(text_encoder=_adaneg_encoder())
     np.testing.assert_allclose(det.score(x), 1.1 * neg.score(x), rtol=1e-6)
     assert det.memory_counts == {}

@@ -258,9 +258,51 @@ def test_packaged_word_list_counts_and_licence() -> None:
     assert "WordNet 3.0 Copyright 2006 by Princeton University" in licence
 
 
+def test_head_words_are_the_first_lemma_of_each_synset(tmp_path: Path) -> None:
+    src = _fake_wordnet(tmp_path)
+    heads = lx.read_wordnet_data(src, lemmas="heads")
+    assert heads["noun.animal"] == ["dog"] and heads["noun.food"] == ["apple"] and heads["noun.artifact"] == ["a"]
+    assert heads["adj.all"] == ["able", "red"] and heads["adj.ppl"] == ["dog"]
+    assert lx.parse_word_list(lx.format_word_list(heads, "heads")) == heads
+    official = lx.wordnet_lexicon(source=src, **lx.OFFICIAL_CORPUS)  # no noun.animal / noun.food
+    assert official == lx.Lexicon(("a", "entity", "able", "dog", "red"), ("noun", "noun", "adj", "adj", "adj"))
+    with pytest.raises(ValueError, match="lemmas"):
+        lx.read_wordnet_data(src, lemmas="first")
+
+
+def test_packaged_head_word_list_counts() -> None:
+    """The official NegLabel/AdaNeg corpus: counts stated in oodscope.text.lexicon (NegLabel's own
+    files: 58,546 nouns and 13,091 adjectives, 11,454 of them not also nouns)."""
+    data = lx.load_wordnet("packaged", lemmas="heads")
+    nouns = {w for c, ws in data.items() if c.startswith("noun.") for w in ws}
+    adjs = {w for c, ws in data.items() if c.startswith("adj.") for w in ws}
+    assert (len(nouns), len(adjs)) == (67186, 14006)
+    official = lx.wordnet_lexicon(**lx.OFFICIAL_CORPUS)
+    n_noun = official.pos.count("noun")
+    n_adj = len(official) - n_noun
+    assert (n_noun, n_adj) == (58514, 12280)
+    assert len(adjs - set(official.words[:n_noun])) == n_adj  # adjectives that are nouns are kept as nouns
+    # the official 15 % of each part of speech: floor, as int(len * 0.15) in NegLabel's code
+    assert (int(n_noun * 0.15), int(n_adj * 0.15)) == (8777, 1842)
+    assert int(58546 * 0.15) + int(11454 * 0.15) == 10499  # NegLabel's released 10,499 negatives
+    assert int(58546 * 0.15) + int(13091 * 0.15) == 10744  # ... which 15 % of 13,091 adjectives would not give
+
+
 @pytest.mark.skipif(not (lx.SYSTEM_WORDNET / "data.noun").is_file(), reason="wordnet-base not installed")
 def test_packaged_word_list_equals_system_wordnet() -> None:
     assert lx.load_wordnet("packaged") == lx.load_wordnet("system")
+    assert lx.load_wordnet("packaged", lemmas="heads") == lx.load_wordnet("system", lemmas="heads")
+
+
+@pytest.mark.skipif(not (lx.SYSTEM_WORDNET / "data.noun").is_file(), reason="wordnet-base not installed")
+def test_build_script_reproduces_the_shipped_lists() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_wordnet_lists.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "58514 nouns, 12280 adjectives" in done.stdout
 
 
 def test_word_file_round_trip(tmp_path: Path) -> None:

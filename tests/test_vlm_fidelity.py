@@ -202,3 +202,213 @@ def test_glmcm_presets_match_the_official_scripts(preset: str, lam: float) -> No
     np.testing.assert_allclose(ours, _official_glmcm_scores(emb, patches, text, lam), rtol=0, atol=1e-6)
     explicit = create("glmcm", classes=classes, local_weight=0.25, preset=preset)
     assert explicit.lambda_ == 0.25  # an explicit weight wins over the preset
+
+
+# ===================================================================== NegLabel: prompts, corpus, selection
+def _randperm_seeded(n: int, seed: int = 0) -> torch.Tensor:
+    """``torch.manual_seed(seed); torch.randperm(n)`` as the official code does, without touching the
+    caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.randperm(n)
+
+
+def _official_grouping(pos, neg, ngroup):
+    """``ScalableClassifier.grouping`` of XueJiang16/NegLabel (``random_permute=True``; the official code
+    draws the permutation on the GPU, this port on the CPU, as oodscope)."""
+    drop = neg.shape[1] % ngroup
+    if drop > 0:
+        neg = neg[:, :-drop]
+    idx = _randperm_seeded(neg.shape[1])
+    negs = neg.T[idx].T.reshape(pos.shape[0], ngroup, -1)
+    scores = []
+    for i in range(ngroup):
+        full = torch.cat([pos, negs[:, i, :]], dim=-1).softmax(dim=-1)
+        scores.append(full[:, : pos.shape[1]].sum(dim=-1, keepdim=True))
+    return torch.cat(scores, dim=-1).mean(dim=-1)
+
+
+def _official_neglabel(enc, classes, nouns, adjs, images, ngroup, neg_topk=0.15, percentile=0.95):
+    """``CLIPScalableClassifier`` (multi_modal.py) with ``custom_config/clip.py``: prompts, the per
+    part-of-speech 15 % selection and the score (``ScalableClassifier.forward``, t = 1, logit scale 100)."""
+    def embed(texts):
+        e = torch.from_numpy(enc.encode_texts(texts)).double()
+        return e / e.norm(dim=-1, keepdim=True)
+
+    pos_t = embed([f"the nice {c}" for c in classes])
+    neg_t = embed([f"the nice {w}" for w in nouns] + [f"This is a {w} photo" for w in adjs])
+    sim = torch.quantile(neg_t @ pos_t.T, q=percentile, dim=-1)
+    ind_noun, ind_adj = torch.argsort(sim[: len(nouns)]), torch.argsort(sim[len(nouns):])
+    kept = torch.cat([neg_t[: len(nouns)][ind_noun[: int(len(ind_noun) * neg_topk)]],
+                      neg_t[len(nouns):][ind_adj[: int(len(ind_adj) * neg_topk)]]])
+    x = images / images.norm(dim=-1, keepdim=True)
+    words = [nouns[i] for i in ind_noun[: int(len(ind_noun) * neg_topk)]] + \
+            [adjs[i] for i in ind_adj[: int(len(ind_adj) * neg_topk)]]
+    return _official_grouping(100.0 * x @ pos_t.T, 100.0 * x @ kept.T, ngroup), words
+
+
+def test_neglabel_official_recipe_matches_the_official_code() -> None:
+    from oodscope.detectors import create
+    from oodscope.text.lexicon import Lexicon
+
+    classes = ["cat", "dog", "ship", "tree"]
+    nouns, adjs = [f"noun{i}" for i in range(41)], [f"adj{i}" for i in range(21)]
+    enc = _FixedTexts(8)
+    det = create("neglabel", classes=classes, ngroups=4)
+    assert det.recipe == "official" and det.get_params()["num_negatives"] is None
+    det.fit(text_encoder=enc, lexicon=Lexicon(tuple(nouns + adjs), ("noun",) * 41 + ("adj",) * 21))
+    images = torch.from_numpy(np.random.default_rng(4).standard_normal((12, 8)))
+    official, words = _official_neglabel(enc, classes, nouns, adjs, images, ngroup=4)
+    assert det.fit_info_["negative_words"] == words  # int(41 * .15) = 6 nouns, then int(21 * .15) = 3 adjectives
+    assert det.fit_info_["negative_pos"] == ["noun"] * 6 + ["adj"] * 3
+    assert (det.state_["negative_group"] < 0).sum() == 9 % 4
+    np.testing.assert_allclose(det.score(images.numpy()), -official.numpy(), rtol=0, atol=1e-6)
+    assert {"the nice cat", "the nice noun0", "This is a adj0 photo"} <= set(enc.seen)
+    # oodscope's earlier recipe stays available by name: its own prompts, the M farthest jointly
+    v1 = create("neglabel", classes=classes, recipe="oodscope-v1", num_negatives=9, ngroups=4)
+    enc_v1 = _FixedTexts(8)
+    v1.fit(text_encoder=enc_v1, lexicon=Lexicon(tuple(nouns + adjs), ("noun",) * 41 + ("adj",) * 21))
+    assert "a photo of a cat." in enc_v1.seen and "a adj0 photo." in enc_v1.seen
+    assert len(v1.fit_info_["negative_words"]) == 9 and (v1.state_["negative_group"] >= 0).all()
+
+
+def test_neglabel_official_corpus_is_the_head_word_list() -> None:
+    from oodscope.detectors import create
+    from oodscope.text.lexicon import OFFICIAL_CORPUS, wordnet_lexicon
+
+    det = create("neglabel", classes=["circle"], corpus_options={"categories": ["noun.shape", "adj.ppl"]})
+    det.fit(text_encoder=_FixedTexts(8))
+    corpus = wordnet_lexicon(categories=["noun.shape", "adj.ppl"], exclude=["circle"], **OFFICIAL_CORPUS)
+    counts = det.fit_info_["num_candidates_by_pos"]
+    assert counts == {"noun": corpus.pos.count("noun"), "adj": corpus.pos.count("adj")}
+    assert len(det.fit_info_["negative_words"]) == int(counts["noun"] * 0.15) + int(counts["adj"] * 0.15)
+    assert set(det.fit_info_["negative_words"]) <= set(corpus.words)
+
+
+# ===================================================================== AdaNeg: the official postprocessor
+class _OfficialAdaNeg:
+    """``TTAPromptPostprocessor_noadagap.postprocess`` (YBZh/OpenOOD-VLM) with ``in_score="combine"``,
+    ``random_permute=True``; ``text_features`` (C, D) are the ID texts then the negatives."""
+
+    def __init__(self, text_features, class_num, *, memleng, thres, gap, lambdaval, group_num, samada, beta):
+        self.text, self.class_num = text_features, class_num
+        self.memory_size, self.thres, self.gap, self.lambda_val = memleng, thres, gap, lambdaval
+        self.group_num, self.samada, self.beta = group_num, samada, int(beta)
+        self.reset = True
+
+    def _grouped(self, output):
+        pos, neg = output[:, : self.class_num], output[:, self.class_num:]
+        drop = neg.size(1) % self.group_num
+        if drop > 0:
+            neg = neg[:, :-drop]
+        idx = _randperm_seeded(neg.shape[1])
+        neg = neg.T[idx].T.reshape(pos.shape[0], self.group_num, -1)
+        scores = []
+        for i in range(self.group_num):
+            full = torch.cat([pos, neg[:, i, :]], dim=-1).softmax(dim=-1)
+            scores.append(full[:, : pos.shape[1]].sum(dim=-1, keepdim=True))
+        return torch.cat(scores, dim=-1).mean(dim=-1)
+
+    def _cache(self, indicator, pred, prob, offset, image_features):
+        for i in range(indicator.size(0)):
+            if not indicator[i].item():
+                continue
+            cate = pred[i].item() + offset
+            entropy = -(prob[i] * torch.log(prob[i] + 1e-8)).sum()
+            if self.indice_memory[cate] == self.memory_size:
+                if (entropy < self.entropy_memory[cate]).sum() == 0:
+                    continue
+                replace = torch.sort(self.entropy_memory[cate])[1][-1]
+                self.feat_memory[cate][replace] = image_features[i]
+                self.entropy_memory[cate][replace] = entropy
+            else:
+                slot = self.indice_memory[cate].long()
+                self.feat_memory[cate][slot] = image_features[i]
+                self.entropy_memory[cate][slot] = entropy
+                self.indice_memory[cate] += 1
+
+    def postprocess(self, image_features, logit_scale=100.0):
+        text, k = self.text, self.class_num
+        if self.reset:
+            self.feat_memory = torch.cat([text.unsqueeze(1), torch.zeros_like(text.unsqueeze(1)).repeat(
+                1, self.memory_size, 1)], dim=1)
+            self.indice_memory = torch.ones(text.size(0))
+            self.entropy_memory = torch.zeros(self.feat_memory.size(0), self.feat_memory.size(1), dtype=text.dtype)
+            self.reset = False
+        output_vanilla = logit_scale * image_features @ text.t()
+        conf_in_vanilla = self._grouped(output_vanilla)
+        self._cache(conf_in_vanilla > (self.thres + self.gap * (1 - self.thres)),
+                    output_vanilla[:, :k].max(dim=1)[1], torch.softmax(output_vanilla[:, :k], dim=1), 0,
+                    image_features)
+        self._cache(conf_in_vanilla < (self.thres - self.gap * self.thres),
+                    output_vanilla[:, k:].max(dim=1)[1], torch.softmax(output_vanilla[:, k:], dim=1), k,
+                    image_features)
+        if self.samada:
+            sim = torch.exp(-self.beta * (-(self.feat_memory @ image_features.t()) + 1))  # C x (1+L) x B
+            sa = (sim.unsqueeze(0).transpose(0, -1) * self.feat_memory.unsqueeze(0)).sum(2)  # B x C x D
+            sa = sa / sa.norm(dim=-1, keepdim=True)
+        else:
+            sa = self.feat_memory.mean(1)
+            sa = sa / sa.norm(dim=-1, keepdim=True)
+        output = logit_scale * (image_features.unsqueeze(1) * sa).sum(-1)
+        return self._grouped(output) + conf_in_vanilla * self.lambda_val
+
+
+def _official_adaneg_texts(enc, classes, nouns, adjs, total_ood_num):
+    """``get_text_features_neg`` / ``get_selected_ood_text_list`` of OpenOOD-VLM (``text_prompt="nice"``):
+    ID names and adjectives that are nouns removed, the split of ``total_ood_num`` by part of speech,
+    the sorted cosine at index int(0.95 K), adjectives then nouns."""
+    def embed(texts):  # float32, as the official code runs
+        e = torch.from_numpy(enc.encode_texts(texts)).float()
+        return e / e.norm(dim=-1, keepdim=True)
+
+    nouns = [w for w in nouns if w not in classes]
+    adjs = [w for w in adjs if w not in classes and w not in nouns]
+    id_t = embed([f"The nice {c}." for c in classes])
+    cos_adj = embed([f"This is a {w} photo." for w in adjs]) @ id_t.T
+    cos_noun = embed([f"The nice {w}." for w in nouns]) @ id_t.T
+    adj_num = int(total_ood_num * (len(adjs) / (len(adjs) + len(nouns))))
+    noun_num = total_ood_num - adj_num
+    at = int(len(classes) * 0.95)
+    adj_sel = [adjs[i] for i in cos_adj.sort(1)[0][:, at].sort(0)[1][:adj_num]]
+    noun_sel = [nouns[i] for i in cos_noun.sort(1)[0][:, at].sort(0)[1][:noun_num]]
+    texts = embed([f"The nice {c}." for c in classes] + [f"This is a {w} photo." for w in adj_sel]
+                  + [f"The nice {w}." for w in noun_sel])
+    return texts, adj_sel + noun_sel
+
+
+@pytest.mark.parametrize("sample_adaptive", [False, True])
+def test_adaneg_official_matches_the_official_postprocessor(sample_adaptive: bool) -> None:
+    from oodscope.detectors import create
+    from oodscope.text.lexicon import Lexicon
+
+    rng = np.random.default_rng(7)
+    classes = ["cat", "dog", "ship", "tree", "lamp"]
+    nouns = [f"noun{i}" for i in range(30)] + ["dog"]  # an ID name is never a negative
+    adjs = [f"adj{i}" for i in range(12)] + ["noun3"]  # an adjective that is also a noun stays a noun
+    enc = _FixedTexts(8)
+    params = dict(classes=classes, num_negatives=14, ngroups=3, memory_size=3, batch_size=8, gap=0.2,
+                  sample_adaptive=sample_adaptive, beta=5.5)
+    det = create("adaneg", **params)
+    assert det.official and det.recipe == "official" and det.capacity == 2 and det.beta_ == 5.0
+    det.fit(text_encoder=enc, lexicon=Lexicon(tuple(nouns + adjs), ("noun",) * 31 + ("adj",) * 13))
+    texts, words = _official_adaneg_texts(enc, classes, nouns, adjs, 14)
+    assert det.fit_info_["negative_words"] == words
+    official = _OfficialAdaNeg(texts, len(classes), memleng=3, thres=0.5, gap=0.2, lambdaval=0.1, group_num=3,
+                               samada=sample_adaptive, beta=5.5)
+    # a stream near the ID texts and the negative texts, plus noise; float32 as the official code runs (in
+    # float64 its entropy -(p log(p + 1e-8)) can be negative for p = 1 and then overwrite the text cell)
+    centres = texts.numpy()
+    x = centres[rng.integers(0, len(centres), 64)] + 0.25 * rng.standard_normal((64, 8))
+    x = torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True)).float()
+    expected = torch.cat([official.postprocess(x[i: i + 8]) for i in range(0, 64, 8)]).numpy()
+    got = det.score(x.numpy())
+    np.testing.assert_allclose(got, -expected, rtol=0, atol=1e-6)
+    held = (official.indice_memory - 1).long()
+    assert det.memory_counts == {i: int(c) for i, c in enumerate(held) if c > 0}
+    assert max(det.memory_counts.values()) == 2  # L - 1 images per label
+    assert any(s < 5 for s in det.memory_counts) and any(s >= 5 for s in det.memory_counts)  # ID and OOD slots
+    # the earlier reading (L images, beta as given) gives other scores on the same stream
+    other = create("adaneg", **params, official=False)
+    other.fit(text_encoder=enc, lexicon=Lexicon(tuple(nouns + adjs), ("noun",) * 31 + ("adj",) * 13))
+    assert not np.allclose(other.score(x.numpy()), got, atol=1e-6)

@@ -159,9 +159,13 @@ def grouped_id_mass(pos: torch.Tensor, neg: torch.Tensor, group: torch.Tensor) -
     """NegLabel's score: mean over groups g of  sum_ID e^l / (sum_ID e^l + sum_{neg in g} e^l).
 
     ``pos`` (N, K) and ``neg`` (N, M) are logits (cosine / temperature), ``group`` (M,) the group of
-    each negative. Computed in log space so that far-apart logits (temperature 0.01) cannot give 0/0.
-    With no negatives the ID mass is 1 for every image.
+    each negative (``-1``: left out, as the official code drops ``M mod ng`` negatives). Computed in
+    log space so that far-apart logits (temperature 0.01) cannot give 0/0. With no negatives the ID
+    mass is 1 for every image.
     """
+    used = group >= 0
+    if not bool(used.all()):
+        neg, group = neg[:, used.to(neg.device)], group[used]
     n, m = neg.shape
     if m == 0:
         return torch.ones(n, dtype=pos.dtype, device=pos.device)

@@ -1,16 +1,28 @@
 """Word lists for negative-label methods (NegLabel, AdaNeg): WordNet nouns and adjectives, offline.
 
-Source: WordNet 3.0 (Princeton University), ``data.noun`` and ``data.adj``. Every lemma of every
-synset is taken, lower-cased, with ``_`` turned into a space and the adjective position markers
-``(a)``, ``(p)``, ``(ip)`` removed, and filed under its lexicographer category (``noun.artifact``,
-``adj.all``, ...). A compact copy derived this way ships with oodscope as
-``oodscope/data/wordnet_words.txt`` (WordNet 3.0 licence in ``wordnet_LICENSE.txt`` next to it), so
-no system package is needed; the Debian/Ubuntu package ``wordnet-base`` (``/usr/share/wordnet``)
-can be read directly too and gives the same list.
+Source: WordNet 3.0 (Princeton University), ``data.noun`` and ``data.adj``. Lemmas are lower-cased,
+with ``_`` turned into a space and the adjective position markers ``(a)``, ``(p)``, ``(ip)`` removed,
+and filed under their lexicographer category (``noun.artifact``, ``adj.all``, ...). Two lists ship
+with oodscope (WordNet 3.0 licence in ``oodscope/data/wordnet_LICENSE.txt``), both made by
+``scripts/build_wordnet_lists.py`` from Debian's ``wordnet-base`` (``/usr/share/wordnet``), which
+can also be read directly and gives the same lists (a test checks this):
 
-Counts of the shipped list (after lower-casing and de-duplication): 117,798 distinct noun lemmas,
-21,479 distinct adjective lemmas, 136,139 distinct words overall (a word that is both a noun and an
-adjective is kept once, as a noun).
+- ``wordnet_words.txt`` (``lemmas="all"``): every lemma of every synset. 117,798 distinct nouns,
+  21,479 distinct adjectives, 136,139 distinct words overall (a word that is both a noun and an
+  adjective is kept once, as a noun). oodscope's own corpus (NegLabel ``recipe="oodscope-v1"``).
+- ``wordnet_heads.txt`` (``lemmas="heads"``): one word per synset, its first lemma (the synset's
+  head word). 67,186 distinct nouns and 14,006 distinct adjectives in all categories. The corpus of
+  the official recipe (:data:`OFFICIAL_CORPUS`) leaves out ``noun.animal`` and ``noun.food``, as
+  NegLabel's released word files do (XueJiang16/NegLabel ``txtfiles/``: one file per lexicographer
+  category, none for those two): **58,514 nouns and 14,006 adjectives**, of which 12,280 are not
+  also nouns. The released files hold 58,546 nouns and 13,091 adjectives (11,454 not also nouns):
+  they were cut from another WordNet release (they contain e.g. "obama", "anime" and quote-escaped
+  lemmas such as ``1530"s``, absent from WordNet 3.0), which the Debian package cannot reproduce.
+  Against them, our nouns differ by 124 + 156 words (58,390 in common, -32 in all) and our
+  adjectives have 996 words theirs lack and lack 81 of theirs (13,010 in common, +915 in all):
+  their adjective files drop about one in six adjective-cluster head words (mostly one head of an
+  antonym pair) by a rule that could not be recovered from WordNet 3.0's data files, so all head
+  words are kept here.
 """
 
 from __future__ import annotations
@@ -25,6 +37,9 @@ from typing import Literal
 
 SYSTEM_WORDNET = Path("/usr/share/wordnet")
 PACKAGED_FILE = "wordnet_words.txt"
+HEADS_FILE = "wordnet_heads.txt"
+PACKAGED_FILES = {"all": PACKAGED_FILE, "heads": HEADS_FILE}
+Lemmas = Literal["all", "heads"]
 
 # Lexicographer file numbers -> names for the parts of speech used here (WordNet's "lexnames").
 LEXNAMES: dict[int, str] = {
@@ -37,6 +52,8 @@ LEXNAMES: dict[int, str] = {
 }
 NOUN_CATEGORIES = tuple(name for _, name in sorted(LEXNAMES.items()) if name.startswith("noun."))
 ADJECTIVE_CATEGORIES = tuple(name for _, name in sorted(LEXNAMES.items()) if name.startswith("adj."))
+#: The official NegLabel/AdaNeg corpus: head words, without the categories NegLabel ships no file for.
+OFFICIAL_CORPUS: dict[str, object] = {"lemmas": "heads", "exclude_categories": ("noun.animal", "noun.food")}
 
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 _ALPHABETIC = re.compile(r"^[a-z][a-z '\-]*$")
@@ -69,8 +86,10 @@ class Lexicon:
 
 
 # --------------------------------------------------------------------------- reading WordNet
-def read_wordnet_data(directory: str | os.PathLike = SYSTEM_WORDNET) -> dict[str, list[str]]:
-    """Category -> sorted distinct lemmas, parsed from WordNet's ``data.noun`` and ``data.adj``."""
+def read_wordnet_data(directory: str | os.PathLike = SYSTEM_WORDNET, lemmas: Lemmas = "all") -> dict[str, list[str]]:
+    """Category -> sorted distinct lemmas, parsed from WordNet's ``data.noun`` and ``data.adj``:
+    every lemma of each synset (``lemmas="all"``) or its first one only (``"heads"``)."""
+    _check_lemmas(lemmas)
     directory = Path(directory)
     categories: dict[str, set[str]] = {}
     for pos in ("noun", "adj"):
@@ -86,19 +105,22 @@ def read_wordnet_data(directory: str | os.PathLike = SYSTEM_WORDNET) -> dict[str
                 category = LEXNAMES.get(int(fields[1]))
                 if category is None:
                     continue
-                for i in range(int(fields[3], 16)):
+                for i in range(1 if lemmas == "heads" else int(fields[3], 16)):
                     lemma = _ADJ_MARKER.sub("", fields[4 + 2 * i]).replace("_", " ").lower()
                     categories.setdefault(category, set()).add(lemma)
     return {name: sorted(categories[name]) for name in sorted(categories, key=_category_rank)}
 
 
-def format_word_list(categories: dict[str, list[str]]) -> str:
-    """The text of the packaged word list for a category -> lemmas map."""
+def format_word_list(categories: dict[str, list[str]], lemmas: Lemmas = "all") -> str:
+    """The text of a packaged word list for a category -> lemmas map."""
+    _check_lemmas(lemmas)
     nouns = {w for c, ws in categories.items() if c.startswith("noun.") for w in ws}
     adjs = {w for c, ws in categories.items() if c.startswith("adj.") for w in ws}
+    which = "every synset lemma" if lemmas == "all" else "the first lemma of every synset (its head word)"
     lines = [
         "# WordNet 3.0 nouns and adjectives, derived for oodscope (see wordnet_LICENSE.txt for the WordNet licence).",
-        "# Built from data.noun and data.adj: every synset lemma, lower-cased, '_' -> ' ', adjective markers removed.",
+        f"# Built from data.noun and data.adj by scripts/build_wordnet_lists.py: {which},",
+        "# lower-cased, '_' -> ' ', adjective markers removed.",
         "# Format: a line '@<lexicographer category>' starts a category; the lemmas of that category follow.",
         f"# Distinct lemmas: {len(nouns)} nouns, {len(adjs)} adjectives, {len(nouns | adjs)} words overall.",
     ]
@@ -108,10 +130,12 @@ def format_word_list(categories: dict[str, list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_word_list(path: str | os.PathLike, directory: str | os.PathLike = SYSTEM_WORDNET) -> Path:
-    """Regenerate the packaged list from a WordNet installation (how ``wordnet_words.txt`` was made)."""
+def write_word_list(path: str | os.PathLike, directory: str | os.PathLike = SYSTEM_WORDNET,
+                    lemmas: Lemmas = "all") -> Path:
+    """Regenerate a packaged list from a WordNet installation (how ``wordnet_words.txt`` and
+    ``wordnet_heads.txt`` are made, by ``scripts/build_wordnet_lists.py``)."""
     path = Path(path)
-    text = format_word_list(read_wordnet_data(directory))
+    text = format_word_list(read_wordnet_data(directory, lemmas), lemmas)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -134,20 +158,22 @@ def parse_word_list(text: str) -> dict[str, list[str]]:
     return categories
 
 
-def load_wordnet(source: str | os.PathLike = "auto") -> dict[str, list[str]]:
+def load_wordnet(source: str | os.PathLike = "auto", lemmas: Lemmas = "all") -> dict[str, list[str]]:
     """Category -> lemmas. ``source``: ``"packaged"`` (shipped list), ``"system"``
-    (``/usr/share/wordnet``), ``"auto"`` (packaged list, else system), or a WordNet directory."""
+    (``/usr/share/wordnet``), ``"auto"`` (packaged list, else system), or a WordNet directory;
+    ``lemmas``: every lemma of each synset (``"all"``) or its head word (``"heads"``)."""
+    _check_lemmas(lemmas)
     if source in ("auto", "packaged"):
         try:
-            text = (files("oodscope") / "data" / PACKAGED_FILE).read_text(encoding="utf-8")
+            text = (files("oodscope") / "data" / PACKAGED_FILES[lemmas]).read_text(encoding="utf-8")
             return parse_word_list(text)
         except FileNotFoundError:
             if source == "packaged":
                 raise
-        return read_wordnet_data(SYSTEM_WORDNET)
+        return read_wordnet_data(SYSTEM_WORDNET, lemmas)
     if source == "system":
-        return read_wordnet_data(SYSTEM_WORDNET)
-    return read_wordnet_data(source)
+        return read_wordnet_data(SYSTEM_WORDNET, lemmas)
+    return read_wordnet_data(source, lemmas)
 
 
 # --------------------------------------------------------------------------- the candidate lexicon
@@ -162,6 +188,7 @@ def wordnet_lexicon(
     exclude: Iterable[str] = (),
     overlap: Literal["exact", "word"] = "exact",
     source: str | os.PathLike = "auto",
+    lemmas: Lemmas = "all",
 ) -> Lexicon:
     """WordNet lemmas as a de-duplicated candidate list (nouns first, then adjectives, each sorted).
 
@@ -171,13 +198,15 @@ def wordnet_lexicon(
     released corpus has no ``noun.animal`` and ``noun.food``). ``exclude``: words to leave out, usually
     the in-distribution class names; ``overlap="exact"`` drops a word equal to one of them
     (case-insensitive), ``"word"`` also drops words sharing any single word with one of them.
+    ``lemmas``: every lemma of each synset (``"all"``) or only its head word (``"heads"``, the
+    official NegLabel/AdaNeg corpus with ``exclude_categories=("noun.animal", "noun.food")``).
     """
     wanted_pos = set(pos)
     if not wanted_pos <= {"noun", "adj"}:
         raise ValueError(f"pos must be a subset of ('noun', 'adj'), got {list(pos)}")
     if overlap not in ("exact", "word"):
         raise ValueError("overlap must be 'exact' or 'word'")
-    data = load_wordnet(source)
+    data = load_wordnet(source, lemmas)
     unknown = sorted((set(categories or ()) | set(exclude_categories)) - set(data))
     if unknown:
         raise ValueError(f"unknown WordNet categories {unknown}; known: {sorted(data)}")
@@ -236,6 +265,11 @@ def write_word_file(path: str | os.PathLike, lexicon: Lexicon) -> Path:
     tmp.write_text("".join(f"{w}\t{p}\n" for w, p in zip(lexicon.words, lexicon.pos, strict=True)), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def _check_lemmas(lemmas: str) -> None:
+    if lemmas not in PACKAGED_FILES:
+        raise ValueError(f"lemmas must be 'all' or 'heads', got {lemmas!r}")
 
 
 def _category_rank(name: str) -> tuple[int, str]:

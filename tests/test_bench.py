@@ -420,3 +420,30 @@ def test_the_leaderboard_configs_are_valid():
     create("eoe", classes=["T-shirt/top", "Trouser"], **cfg.detector_params["eoe"])
     layers = load_config(Path(__file__).parents[1] / "benchmarks" / "configs" / "fashion-mnist-ood-layers.toml")
     assert layers.backbone_options == {"effnet-lite0": {"layers": True}}
+
+
+def test_test_time_adaptive_detectors_get_one_fresh_stream_per_ood_set(data, tmp_path):
+    """As AdaNeg's official evaluator: reset() per OOD set, one seeded shuffled ID+OOD stream, the ID
+    scores of each pair taken from its own stream (no memory carried from one OOD set to the next)."""
+    from oodscope.evaluation.streams import ADAPTIVE_PROTOCOL_NOTE, DEFAULT_STREAM_SEED, adaptive_pair_scores
+
+    vlm = FakeVLM(tiny_classifier(1))
+    params = {"adaneg": {"negatives": [f"word{i}" for i in range(12)], "ngroups": 3, "batch_size": 8,
+                         "temperature": 0.05}}
+    result = run_benchmark(config(data, [vlm], ["adaneg", "mcm"], tmp_path, detector_params=params))
+    feats = {k: extract(vlm, v, progress=False, num_workers=0).features for k, v in data.items()}
+    det = build_detector("adaneg", params["adaneg"], CLASSES)
+    fit_detector(det, None, None, text_encoder=vlm)
+    saved = result.load_scores(vlm.id, "adaneg")
+    for s in ("near_a", "far_b"):
+        det.score(feats["near_a"].subset(slice(0, 9)))  # whatever came before is forgotten
+        s_id, s_ood = adaptive_pair_scores(det, feats["id"], feats[s], DEFAULT_STREAM_SEED)
+        np.testing.assert_allclose(saved[f"id@{s}"], s_id, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(saved[s], s_ood, rtol=1e-6, atol=1e-9)
+        expected = ood_metrics(s_id, s_ood)
+        assert result.metric(vlm.id, "adaneg", s) == pytest.approx(expected["auroc"], abs=1e-12)
+    assert not np.allclose(saved["id@near_a"], saved["id@far_b"])  # each pair its own stream
+    rows = [r for r in result.rows if r["detector"] == "adaneg"]
+    assert rows and all(ADAPTIVE_PROTOCOL_NOTE in r["note"] for r in rows)
+    assert all(ADAPTIVE_PROTOCOL_NOTE not in r["note"] for r in result.rows if r["detector"] == "mcm")
+    assert det.memory_counts  # the streams did reach the memory

@@ -22,6 +22,7 @@ from oodscope.detectors.fitting import build_detector, fit_detector, fit_problem
 from oodscope.evaluation.bench_accuracy import accuracy, id_predictor, labels_are_logit_classes, own_predictions
 from oodscope.evaluation.bench_config import BenchConfig
 from oodscope.evaluation.metrics import ood_metrics
+from oodscope.evaluation.streams import ADAPTIVE_PROTOCOL_NOTE, DEFAULT_STREAM_SEED, adaptive_pair_scores, is_adaptive
 from oodscope.evaluation.tables import METRICS
 from oodscope.features.extract import ExtractionResult
 from oodscope.io import ImageSource, Subset
@@ -106,6 +107,7 @@ class _Run:
     fit_cpu: float = 0.0  # process CPU time (all threads): robust to other load on the machine
     score_cpu: float = 0.0
     scores: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    pair_id_scores: dict[str, np.ndarray] = field(default_factory=dict)  # test-time adaptive: per OOD set
     predictions: list[np.ndarray] = field(default_factory=list)
     accuracy_source: str = ""
     note: str = ""
@@ -219,7 +221,8 @@ def _fit_run(ctx: RunContext, entry: BackboneEntry, name: str, detector: Any, fi
 
 def _score_runs(ctx: RunContext, entry: BackboneEntry, runs: list[_Run], feature_sets: dict[str, FeatureSet],
                 predictor: Any, fail: _Failures) -> np.ndarray | None:
-    """Every detector scores every test set batch by batch; returns the shared ID predictions."""
+    """Every detector scores every test set batch by batch (test-time-adaptive ones: one stream per OOD
+    set, :func:`_score_adaptive`); returns the shared ID predictions."""
     shared_predictions: list[np.ndarray] = []
     feature_runs = [r for r in runs if r.kind == "features"]
     for set_name in [n for n in feature_sets if n != "id_fit"]:
@@ -229,7 +232,8 @@ def _score_runs(ctx: RunContext, entry: BackboneEntry, runs: list[_Run], feature
             for run in list(feature_runs):
                 try:
                     started, cpu_started = time.perf_counter(), time.process_time()
-                    run.scores.setdefault(set_name, []).append(np.asarray(run.detector.score(feats), np.float64))
+                    if not is_adaptive(run.detector):
+                        run.scores.setdefault(set_name, []).append(np.asarray(run.detector.score(feats), np.float64))
                     run.score_seconds += time.perf_counter() - started
                     run.score_cpu += time.process_time() - cpu_started
                     if set_name == "id" and ctx.cfg.id_accuracy != "off":
@@ -240,6 +244,12 @@ def _score_runs(ctx: RunContext, entry: BackboneEntry, runs: list[_Run], feature
                     fail(run.name, f"score ({set_name})", _reason(err))
                     feature_runs.remove(run)
                     runs.remove(run)
+    for run in [r for r in feature_runs if is_adaptive(r.detector)]:
+        try:
+            _score_adaptive(run, feature_sets)
+        except Exception as err:  # noqa: BLE001
+            fail(run.name, "score (adaptive stream)", _reason(err))
+            runs.remove(run)
     for run in [r for r in runs if r.kind == "model"]:
         try:
             _score_with_model(run, entry, feature_sets, ctx.sets, ctx.cfg)
@@ -247,6 +257,22 @@ def _score_runs(ctx: RunContext, entry: BackboneEntry, runs: list[_Run], feature
             fail(run.name, "score (model)", _reason(err))
             runs.remove(run)
     return np.concatenate(shared_predictions) if shared_predictions else None
+
+
+def _score_adaptive(run: _Run, feature_sets: dict[str, FeatureSet]) -> None:
+    """As the official AdaNeg evaluator: for each OOD set, ``reset()`` and one seeded shuffled stream of
+    the ID set and that OOD set; the ID scores of each pair come from its own stream."""
+    id_features = feature_sets["id"].all()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for set_name in [n for n in feature_sets if n not in ("id", "id_fit")]:
+        s_id, s_ood = adaptive_pair_scores(run.detector, id_features, feature_sets[set_name].all(),
+                                           DEFAULT_STREAM_SEED)
+        run.scores[set_name] = [s_ood]
+        run.pair_id_scores[set_name] = s_id
+        run.scores.setdefault("id", [s_id])  # the first pair's, for plots
+    run.score_seconds += time.perf_counter() - started
+    run.score_cpu += time.process_time() - cpu_started
+    run.note = "; ".join(x for x in (run.note, ADAPTIVE_PROTOCOL_NOTE) if x)
 
 
 def _result_rows(ctx: RunContext, entry: BackboneEntry, runs: list[_Run], feature_sets: dict[str, FeatureSet],
@@ -258,6 +284,7 @@ def _result_rows(ctx: RunContext, entry: BackboneEntry, runs: list[_Run], featur
     ood_names = [n for n in feature_sets if n not in ("id", "id_fit")]
     for run in runs:
         scores = {k: np.concatenate(v) for k, v in run.scores.items()}
+        scores |= {f"id@{k}": v for k, v in run.pair_id_scores.items()}
         try:
             scores, inf_note = _finite_ranks(scores)
         except ValueError as err:
@@ -275,7 +302,7 @@ def _result_rows(ctx: RunContext, entry: BackboneEntry, runs: list[_Run], featur
                   "score_s": round(run.score_seconds, 4), "note": note}
         per_set = []
         for set_name in ood_names:
-            m = ood_metrics(scores["id"], scores[set_name])
+            m = ood_metrics(scores.get(f"id@{set_name}", scores["id"]), scores[set_name])
             row = {"backbone": entry.name, "detector": run.name, "set": set_name,
                    "kind": ctx.sets[set_name].kind or "", **{k: float(m[k]) for k in METRICS},
                    "n_id": int(m["n_id"]), "n_ood": int(m["n_ood"])} | common

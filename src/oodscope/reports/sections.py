@@ -161,7 +161,8 @@ def figures_section(results_dir: Path, payload: Mapping[str, Any], tables: Seque
         for s in ood_sets:
             ranked = sorted((r for r in mine if r["set"] == s and s in scores.get(r["detector"], {})),
                             key=lambda r: -r["auroc"])[:MAX_ROC_CURVES]
-            curves = {r["detector"]: (scores[r["detector"]]["id"], scores[r["detector"]][s]) for r in ranked}
+            curves = {r["detector"]: (scores[r["detector"]].get(f"id@{s}", scores[r["detector"]]["id"]),
+                                      scores[r["detector"]][s]) for r in ranked}  # id@s: per-pair ID stream
             if curves:
                 figs.append(figure(plots.roc_png(curves, f"ROC: ID vs {s}", colours=colours),
                                    f"{backbone}: ROC curves, ID vs {s} (best {len(curves)} detectors by AUROC)", 470))

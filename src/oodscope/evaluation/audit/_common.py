@@ -14,6 +14,7 @@ import numpy as np
 
 from oodscope.backbones.base import Features
 from oodscope.evaluation.metrics import auroc, fpr_at_tpr
+from oodscope.evaluation.streams import adaptive_pair_scores, is_adaptive
 
 AUDIT_FILE = "audit.json"
 AUDIT_FORMAT = "oodscope-audit"
@@ -87,21 +88,16 @@ def check_ood_names(ood_data: Mapping[str, Any]) -> None:
 
 def is_stateful(detector: Any) -> bool:
     """Test-time adaptive: its scores depend on the stream it has seen (declared by its kind)."""
-    return detector.fit_needs().adaptive
+    return is_adaptive(detector)
 
 
 def pair_metrics(detector: Any, id_f: Features, ood_f: Features, id_scores: np.ndarray | None,
                   seed: int) -> dict[str, float]:
-    """AUROC / FPR@95 of one ID-vs-OOD pair. Test-time adaptive detectors (with ``reset()``, e.g.
-    AdaNeg) see a fresh stream of the ID and OOD images in a seeded random interleaving."""
-    if is_stateful(detector):
-        both = Features.concatenate([id_f, ood_f])
-        order = np.random.default_rng(seed).permutation(len(both))
-        detector.reset()
-        shuffled = detector.score(both.subset(order))
-        scores = np.empty_like(shuffled)
-        scores[order] = shuffled
-        s_id, s_ood = scores[: len(id_f)], scores[len(id_f):]
+    """AUROC / FPR@95 of one ID-vs-OOD pair. Test-time adaptive detectors (e.g. AdaNeg) are scored as
+    ``oodscope bench`` scores them (:func:`oodscope.evaluation.streams.adaptive_pair_scores`): ``reset()``,
+    then one stream of the ID and OOD images in a seeded random order; ``id_scores`` is not used."""
+    if is_adaptive(detector):
+        s_id, s_ood = adaptive_pair_scores(detector, id_f, ood_f, seed)
     else:
         s_id = detector.score(id_f) if id_scores is None else id_scores
         s_ood = detector.score(ood_f)

@@ -412,3 +412,27 @@ def test_adaneg_official_matches_the_official_postprocessor(sample_adaptive: boo
     other = create("adaneg", **params, official=False)
     other.fit(text_encoder=enc, lexicon=Lexicon(tuple(nouns + adjs), ("noun",) * 31 + ("adj",) * 13))
     assert not np.allclose(other.score(x.numpy()), got, atol=1e-6)
+
+
+# ===================================================================== the test-time-adaptive protocol
+def test_audits_and_bench_share_the_adaptive_stream() -> None:
+    """``pair_metrics`` (both audits) scores an adaptive detector through ``adaptive_pair_scores`` (the
+    bench's function): reset, one seeded shuffled ID+OOD stream per pair, whatever was scored before."""
+    from oodscope.backbones.base import Features
+    from oodscope.detectors import create
+    from oodscope.evaluation.audit._common import pair_metrics
+    from oodscope.evaluation.metrics import auroc, fpr_at_tpr
+    from oodscope.evaluation.streams import adaptive_pair_scores
+
+    rng = np.random.default_rng(2)
+    det = create("adaneg", classes=["cat", "dog"], negatives=[f"w{i}" for i in range(9)], ngroups=3,
+                 batch_size=4, temperature=0.05).fit(text_encoder=_FixedTexts(8))
+    id_f, ood_f = Features(embedding=rng.standard_normal((10, 8))), Features(embedding=rng.standard_normal((7, 8)))
+    s_id, s_ood = adaptive_pair_scores(det, id_f, ood_f, seed=5)
+    det.score(Features(embedding=rng.standard_normal((20, 8))))  # another stream in between
+    m = pair_metrics(det, id_f, ood_f, id_scores=np.zeros(10), seed=5)
+    assert m == {"auroc": auroc(s_id, s_ood), "fpr95": fpr_at_tpr(s_id, s_ood, 0.95)}
+    order = np.random.default_rng(5).permutation(17)
+    det.reset()
+    stream = det.score(Features.concatenate([id_f, ood_f]).subset(order))
+    np.testing.assert_array_equal(np.concatenate([s_id, s_ood])[order], stream)

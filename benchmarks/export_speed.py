@@ -123,17 +123,22 @@ def main() -> None:
     torch_e2e = n / float(np.median(runs["torch"]["e2e"])) if "torch" in runs else None
     torch_raw = n / float(np.median(runs["torch"]["raw"])) if "torch" in runs else None
     print()
-    print("| runtime | raw forward img/s | end-to-end img/s | end-to-end vs torch eager | raw vs torch raw "
-          "| end-to-end / own raw |")
-    print("|---|---|---|---|---|---|")
+    print("| runtime | raw forward img/s | end-to-end img/s | end-to-end vs torch eager | same, per round "
+          "(median, range) | raw vs torch raw | end-to-end / own raw |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in runs.items():
         raw_rate = n / float(np.median(r["raw"]))
         e2e_rate = n / float(np.median(r["e2e"]))
         vs = f"{e2e_rate / torch_e2e:.2f}x" if torch_e2e else "-"
         vs_raw = f"{raw_rate / torch_raw:.2f}x" if torch_raw else "-"
+        per_round = "-"
+        if "torch" in runs:  # the runs of one round are minutes apart at most: the least load-sensitive ratio
+            ratios = np.asarray(runs["torch"]["e2e"]) / np.asarray(r["e2e"])
+            per_round = f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
         label = "torch eager (FP32)" if name == "torch" else name.replace("-int8", " INT8") + (
             "" if name.endswith("int8") else " FP32")
-        print(f"| {label} | {raw_rate:.1f} | {e2e_rate:.1f} | **{vs}** | {vs_raw} | {e2e_rate / raw_rate:.3f} |")
+        print(f"| {label} | {raw_rate:.1f} | {e2e_rate:.1f} | **{vs}** | {per_round} | {vs_raw} | "
+              f"{e2e_rate / raw_rate:.3f} |")
     print()
     for name, r in runs.items():
         print(f"{name}: raw rounds (s) " + ", ".join(f"{t:.2f}" for t in r["raw"])

@@ -116,13 +116,17 @@ def run_clients(url: str, blobs: list[bytes], clients: int, requests: int, max_s
 
 
 def offline_rates(model_dir: Path, blobs: list[bytes], backbone: str, work: Path, with_cli: bool) -> dict:
-    """images/s of OODModel.predict (model loaded, no cache) and of the whole `oodscope score` command."""
+    """images/s of OODModel.predict (model loaded, no cache) and of the whole `oodscope score` command, on the
+    same images (repeated to at least 256)."""
     from oodscope.pipeline import OODModel
 
     folder = work / "images"
-    folder.mkdir(exist_ok=True)
-    for i, b in enumerate(blobs):
-        (folder / f"{i:05d}.png").write_bytes(b)
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = max(1, -(-256 // len(blobs)))  # at least 256 images: start-up costs (DataLoader worker) amortised
+    for c in range(copies):
+        for i, b in enumerate(blobs):
+            (folder / f"{c:02d}-{i:05d}.png").write_bytes(b)
+    n_images = copies * len(blobs)
     kwargs = {}
     if backbone == "tiny":
         from tiny_models import tiny_classifier
@@ -130,16 +134,19 @@ def offline_rates(model_dir: Path, blobs: list[bytes], backbone: str, work: Path
         kwargs["backbone"] = tiny_classifier()
     model = OODModel.load(model_dir, progress=False, **kwargs)
     model.predict(sorted(folder.iterdir())[:8])  # warm-up
-    started = time.perf_counter()
-    model.predict(folder)
-    predict = len(blobs) / (time.perf_counter() - started)
-    out = {"predict_images_per_s": predict}
+    rates = []
+    for _ in range(2):  # the better of two runs: a conservative denominator on a shared machine
+        started = time.perf_counter()
+        model.predict(folder)
+        rates.append(n_images / (time.perf_counter() - started))
+    out = {"predict_images_per_s": max(rates), "predict_runs": rates}
     if with_cli:
         started = time.perf_counter()
+        fresh = env() | {"OODSCOPE_CACHE": str(work / "cli-feature-cache")}  # empty: nothing is read from a cache
         done = subprocess.run([sys.executable, "-m", "oodscope.cli.main", "score", str(model_dir), str(folder),
-                               "--format", "csv"], capture_output=True, text=True, env=env(), timeout=900)
+                               "--format", "csv"], capture_output=True, text=True, env=fresh, timeout=900)
         seconds = time.perf_counter() - started
-        out["score_cli_images_per_s"] = len(blobs) / seconds if done.returncode in (0, 3) else None
+        out["score_cli_images_per_s"] = n_images / seconds if done.returncode in (0, 3) else None
         out["score_cli_returncode"] = done.returncode
     return out
 
@@ -165,6 +172,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="oodscope-serve-bench-") as tmp:
         work = Path(tmp)
         model_dir, blobs, extra = build(args.backbone, work, args.requests * args.images_per_request)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        before = offline_rates(model_dir, blobs, args.backbone, work / "before", with_cli=False)
         for batching in (True, False):
             for n in clients:
                 store = work / f"store-{batching}-{n}.db"
@@ -186,11 +198,9 @@ def main() -> int:
                       f"({run['images_per_s']:.1f} images/s)  "
                       f"p50 {run['p50_ms']:7.1f} ms  p99 {run['p99_ms']:7.1f} ms  mean batch {run['mean_batch']:.1f}  "
                       f"statuses {run['statuses']}", flush=True)
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
         results.update(offline_rates(model_dir, blobs, args.backbone, work, with_cli=args.backbone != "tiny"))
+        results["predict_runs"] = before["predict_runs"] + results["predict_runs"]
+        results["predict_images_per_s"] = max(results["predict_runs"])
         results.update(max_batch=args.max_batch, threads=args.threads, max_wait_ms=args.max_wait_ms,
                        adaptive_batch=not args.fixed_batch, store_sync=args.store_sync,
                        images_per_request=args.images_per_request)
@@ -207,7 +217,9 @@ def main() -> int:
               f"{r['requests_per_s']:.1f} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{r['mean_batch']:.1f} |")
     print()
-    print(f"OODModel.predict: {results['predict_images_per_s']:.1f} images/s; service (best batched): {best:.1f} "
+    runs = ", ".join(f"{r:.1f}" for r in results["predict_runs"])
+    print(f"OODModel.predict: {results['predict_images_per_s']:.1f} images/s (best of {runs}, before and after the "
+          f"service runs); service (best batched): {best:.1f} "
           f"images/s; ratio {results['ratio_to_predict']:.2f}")
     if results.get("score_cli_images_per_s"):
         print(f"oodscope score (whole command): {results['score_cli_images_per_s']:.1f} images/s; ratio "

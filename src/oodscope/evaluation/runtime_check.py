@@ -29,8 +29,11 @@ class RuntimeComparison:
     auroc_reference: float | None
     auroc_other: float | None
     decisions_changed: int
-    flagged_reference: int
-    flagged_other: int
+    #: Images flagged OOD at alpha: ID ones (false alarms) and OOD ones (detections), per model.
+    id_flagged_reference: int
+    id_flagged_other: int
+    ood_flagged_reference: int
+    ood_flagged_other: int
     max_abs_score_diff: float
 
     @property
@@ -52,8 +55,12 @@ class RuntimeComparison:
         if self.auroc_reference is not None:
             out.append(f"{'AUROC (ID vs OOD)':<22} {self.auroc_reference:>{width}.4f} {self.auroc_other:>{width}.4f}   "
                        f"{self.auroc_change:+.4f}")
-        out.append(f"{f'flagged OOD at {self.alpha:g}':<22} {self.flagged_reference:>{width}d} "
-                   f"{self.flagged_other:>{width}d}   {self.flagged_other - self.flagged_reference:+d}")
+        rows = [(f"ID flagged at {self.alpha:g}", self.id_flagged_reference, self.id_flagged_other, self.n_id)]
+        if self.n_ood:
+            rows.append((f"OOD flagged at {self.alpha:g}", self.ood_flagged_reference, self.ood_flagged_other,
+                         self.n_ood))
+        for label, a, b, n in rows:
+            out.append(f"{label:<22} {f'{a}/{n}':>{width}} {f'{b}/{n}':>{width}}   {b - a:+d}")
         share = self.decisions_changed / self.n if self.n else 0.0
         out.append(f"decisions changed      {self.decisions_changed} of {self.n} images ({share:.2%}; "
                    f"{self.n_id} ID, {self.n_ood} OOD); max |score difference| {self.max_abs_score_diff:.3g}")
@@ -89,6 +96,7 @@ def compare_runtimes(reference: Any, other: Any, id_data: Any, ood_data: Any = N
         auroc_reference=auroc(s_r[~y], s_r[y]) if both else None,
         auroc_other=auroc(s_o[~y], s_o[y]) if both else None,
         decisions_changed=int((d_r != d_o).sum()),
-        flagged_reference=int(d_r.sum()), flagged_other=int(d_o.sum()),
+        id_flagged_reference=int(d_r[~y].sum()), id_flagged_other=int(d_o[~y].sum()),
+        ood_flagged_reference=int(d_r[y].sum()), ood_flagged_other=int(d_o[y].sum()),
         max_abs_score_diff=float(np.abs(s_r - s_o).max()) if len(s_r) else 0.0,
     )

@@ -124,8 +124,11 @@ def run(args: argparse.Namespace) -> int:
                 print("  " + line)
             manifest["evaluation"] = {"test_id": args.test_id, "test_ood": args.test_ood, **result.to_dict()}
             manifest_path.write_text(json.dumps(manifest, indent=2))
-    if manifest["precision"] == "int8" and test_id is None:
-        print("INT8 changes scores: check them with --test-id/--test-ood before deploying", file=sys.stderr)
+    if manifest["precision"] == "int8":
+        print("INT8 changes scores, and the model's calibration was made on PyTorch FP32 scores: "
+              + ("check them with --test-id/--test-ood before deploying" if test_id is None else
+                 "where the ID false-alarm rate must hold, fit and calibrate on this export (docs/export.md)"),
+              file=sys.stderr)
     if output == default_output:
         print(f"score with it: OODModel.load({str(args.model)!r}, runtime={runtime!r})")
     else:

@@ -58,6 +58,7 @@ from oodscope.serve.schemas import (
     ScoreResponse,
 )
 from oodscope.serve.store import DEFAULT_STORE, Store, redacted
+from oodscope.serve.web import mount_web
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 503, 504)}
@@ -588,6 +589,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    mount_web(app)  # the web page: GET / and /ui/ (oodscope.serve.web)
     app.add_middleware(_GuardMiddleware, service_ref=ref)
     return app
 

@@ -11,7 +11,7 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/wordnet/index.noun ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
     echo "[oodscope] installing Debian packages dataset-fashion-mnist wordnet-base" >&2
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist wordnet-base postgresql >/dev/null
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist wordnet-base postgresql chromium chromium-driver >/dev/null
   else
     echo "[oodscope] note: Debian packages dataset-fashion-mnist / wordnet-base are not installed (need root)" >&2
   fi

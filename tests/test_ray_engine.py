@@ -38,6 +38,7 @@ from oodscope.cli.main import main  # noqa: E402
 from oodscope.engines import EngineUnavailable  # noqa: E402
 from oodscope.engines import extract as engine_extract  # noqa: E402
 from oodscope.engines import ray as ray_engine  # noqa: E402
+from oodscope.engines import score as engine_score  # noqa: E402
 from oodscope.engines.jobs import SCORE_COLUMNS  # noqa: E402
 from oodscope.features.extract import extract as local_extract  # noqa: E402
 from oodscope.io import resolve_images  # noqa: E402
@@ -129,6 +130,32 @@ def assert_same_extraction(got, want) -> None:
         np.testing.assert_allclose(getattr(got.features, name), getattr(want.features, name), rtol=0, atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------ pieces
+def test_known_hashes_are_found_by_their_16_bytes():
+    from oodscope.engines.workers import Known
+
+    digests = [bytes(16), b"\x01" + bytes(15), bytes(15) + b"\x01", b"ab" + bytes(14), b"ab" + bytes(13) + b"\x02"]
+    known = Known(np.array(sorted(digests[:3]), dtype="S16"))
+    assert [d in known for d in digests] == [True, True, True, False, False]
+    assert b"x" * 16 not in Known(None)
+
+
+def test_partitions_and_job_keys(tmp_path):
+    from oodscope.engines.jobs import ScoreJob, check_score_directory, inputs_key, partition_bounds, write_job
+
+    assert partition_bounds(70, 32) == [(0, 32), (32, 64), (64, 70)] and partition_bounds(0, 8) == []
+    assert inputs_key(["a", "b"], 32) != inputs_key(["a", "b"], 16) != inputs_key(["b", "a"], 16)
+    job = ScoreJob("m", inputs_key(["a"], 4), 1, 4)
+    write_job(tmp_path / "o", job)
+    check_score_directory(tmp_path / "o", job, overwrite=False)  # the same job: resumes
+    with pytest.raises(ValueError, match="the model differ"):
+        check_score_directory(tmp_path / "o", ScoreJob("other", job.inputs, 1, 4), overwrite=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds no score job"):
+        check_score_directory(tmp_path / "busy", job, overwrite=False)
+
+
 # ------------------------------------------------------------------------------------------ extract
 def test_extract_on_ray_is_local_extraction(cluster, data, tmp_path):
     cache = tmp_path / "cache"
@@ -146,36 +173,23 @@ def test_extract_on_ray_is_local_extraction(cluster, data, tmp_path):
     assert_same_extraction(again, want)
     # Every image is in the store once (the duplicate file twice, as a local extraction computes it).
     assert sorted(chunk_hashes(got.store.root)) == sorted(want.hashes)
-    # A re-run skips every partition: nothing computed, the same result.
+    # A re-run skips every partition: no Ray job, nothing computed, the same result.
     rerun = ray_engine.extract(CNN, data / "test", cache_dir=cache, partition_size=PART, progress=False)
     assert rerun.n_computed == 0 and rerun.n_cached == len(want.hashes)
     assert_same_extraction(rerun, want)
-    # The engine switch of the Python API.
-    through = engine_extract(CNN, data / "test", engine="ray", cache_dir=cache, partition_size=PART, progress=False)
-    assert through.hashes == want.hashes
-
-
-def test_extract_resumes_and_uses_what_the_store_holds(cluster, data, tmp_path):
-    cache = tmp_path / "cache"
-    from oodscope.backbones import create_shared
-    from oodscope.io import Subset
-
-    source = resolve_images(data / "test")
-    first = local_extract(create_shared(CNN), Subset(source, np.arange(100)), cache_dir=cache, num_workers=0,
-                          progress=False)  # the first 100 images, extracted locally
-    got = ray_engine.extract(CNN, source, cache_dir=cache, partition_size=PART, progress=False)
-    before = set(first.hashes)  # (the copy of image 7 further on is in the store too: same content)
-    cached = sum(h in before for h in got.hashes)
-    assert cached == len(first.hashes) + 1 and got.n_cached == cached and got.n_computed == len(got.hashes) - cached
-    assert_same_extraction(got, local_features(data))
-    # Lose two partitions' records (as a crash before they were written): only they are done again.
+    # Two partitions' records lost (a crash before they were written): only those two run again, and their
+    # images are not computed again either, since the store holds them (as a local re-run only hashes).
     records = sorted((got.store.root / "ray-jobs").glob("*/part-*.json"))
     assert len(records) == 10
     for path in records[3:5]:
         path.unlink()
-    again = ray_engine.extract(CNN, source, cache_dir=cache, partition_size=PART, progress=False)
-    assert again.n_computed == 0 and again.hashes == got.hashes  # their features were in the store already
-    assert len(sorted((got.store.root / "ray-jobs").glob("*/part-*.json"))) == 10
+    resumed = ray_engine.extract(CNN, data / "test", cache_dir=cache, partition_size=PART, progress=False)
+    assert resumed.n_computed == 0 and all(path.is_file() for path in records)
+    assert_same_extraction(resumed, want)
+    assert sorted(chunk_hashes(got.store.root)) == sorted(want.hashes)
+    # The engine switch of the Python API.
+    through = engine_extract(CNN, data / "test", engine="ray", cache_dir=cache, partition_size=PART, progress=False)
+    assert through.hashes == want.hashes
 
 
 # ------------------------------------------------------------------------------------------ score
@@ -201,6 +215,16 @@ def assert_same_rows(table, want) -> None:
             assert row[key] == exp[key], (row["item"], key)
 
 
+def assert_same_tables(a, b) -> None:
+    assert a.column_names == b.column_names == list(SCORE_COLUMNS) and len(a) == len(b)
+    for x, y in zip(a.to_pylist(), b.to_pylist(), strict=True):
+        for key in SCORE_COLUMNS:
+            if isinstance(x[key], float):
+                assert abs(x[key] - y[key]) <= 1e-6, (x["item"], key)
+            else:
+                assert x[key] == y[key], (x["item"], key)
+
+
 def test_score_on_ray_is_local_scoring_and_resumes(cluster, data, model_dir, tmp_path):
     out = tmp_path / "scores"
     run = ray_engine.score(model_dir, [data / "test"], out, partition_size=PART, progress=False)
@@ -216,38 +240,38 @@ def test_score_on_ray_is_local_scoring_and_resumes(cluster, data, model_dir, tmp
     again = ray_engine.score(model_dir, [data / "test"], out, partition_size=PART, progress=False)
     assert again.written == 1 and again.skipped == 9 and lost.is_file()
     assert_same_rows(again.table(), want)
-    # Another job's images into that directory are refused before anything runs; overwrite replaces.
+    # Another job's images into that directory are refused before anything runs; overwrite replaces them. The
+    # local engine writes the same partitions (the Python API's engine switch).
     with pytest.raises(ValueError, match="another score job"):
         ray_engine.plan_score(model_dir, [data / "id"], out, partition_size=PART)
-    other = ray_engine.score(model_dir, [data / "id"], out, partition_size=PART, overwrite=True, progress=False)
-    assert other.skipped == 0 and len(other.partitions) == 4
+    here = engine_score(model_dir, [data / "test"], tmp_path / "local", engine="local", partition_size=PART,
+                        num_workers=0, progress=False)
+    assert [p.name for p in here.partitions] == [p.name for p in run.partitions]
+    assert_same_tables(here.table(), run.table())
+    other = engine_score(model_dir, [data / "id"], out, engine="local", partition_size=PART, overwrite=True,
+                         num_workers=0, progress=False)
+    assert other.skipped == 0 and len(other.partitions) == 4 and not (out / "part-000009.parquet").exists()
 
 
 def test_killed_workers_are_retried_nothing_lost_nothing_doubled(cluster, data, model_dir, tmp_path):
-    """An actor exits (``os._exit``) in its second forward pass and a CPU task exits while reading image 150:
-    Ray restarts / retries them and every image is in the output exactly once."""
-    source = resolve_images(data / "test")
-    forward_arm = cluster.faults / "forward.arm"
-    read_arm = tmp_path / "read.arm"
+    """In one score job an actor exits (``os._exit``) in its second forward pass and a CPU task exits while
+    reading image 150: Ray restarts / retries them, and the output holds every image exactly once."""
+    from oodscope.features.extract import content_hash
 
+    source = resolve_images(data / "test")
+    forward_arm, read_arm = cluster.faults / "forward.arm", tmp_path / "read.arm"
     forward_arm.touch()
     read_arm.touch()
-    crashing = ray_tiny.CrashOnRead(source, 150, read_arm)
-    run = ray_engine.score(model_dir, crashing, tmp_path / "scores", partition_size=PART, progress=False)
-    assert not forward_arm.exists() and forward_arm.with_suffix(".fired").exists(), "the actor was not killed"
-    assert not read_arm.exists() and read_arm.with_suffix(".fired").exists(), "the task was not killed"
+    run = ray_engine.score(model_dir, ray_tiny.CrashOnRead(source, 150, read_arm), tmp_path / "scores",
+                           partition_size=PART, progress=False)
+    assert not forward_arm.exists() and forward_arm.with_suffix(".fired").exists(), "no actor was killed"
+    assert not read_arm.exists() and read_arm.with_suffix(".fired").exists(), "no task was killed"
     want = local_predictions(model_dir, source)
-    items = run.table(["item"]).column("item").to_pylist()
-    assert len(items) == len(set(items)) and sorted(items) == sorted(want.item_ids)  # each image once
-    assert_same_rows(run.table(), want)
-
-    forward_arm.with_suffix(".fired").rename(forward_arm)
-    read_arm.with_suffix(".fired").rename(read_arm)
-    got = ray_engine.extract(CNN, crashing, cache_dir=tmp_path / "cache", partition_size=PART, progress=False)
-    assert not forward_arm.exists() and not read_arm.exists()
-    local = local_features(data)
-    assert_same_extraction(got, local)
-    assert sorted(chunk_hashes(got.store.root)) == sorted(local.hashes)  # by content hash: each image once
+    assert_same_rows(run.table(), want)  # every row, in order, equal to the local engine's
+    # By content hash: the rows' images are the input's, each once (the copied file is its own row).
+    rows = [content_hash(Path(item).read_bytes()) for item in run.table(["item"]).column("item").to_pylist()]
+    inputs = [content_hash(Path(source.item_id(i)).read_bytes()) for i in range(len(source))]
+    assert sorted(rows) == sorted(inputs) and len(rows) == len(source)
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -69,9 +69,26 @@ def extract(backbone: Any, data: Any, *, engine: str = "local", address: str | N
     from oodscope.features.extract import extract as local_extract
     from oodscope.io import resolve_images
 
+    backbone_options = options.pop("backbone_options", None) or {}
     if isinstance(backbone, str):
-        backbone = create_shared(backbone, **options.pop("backbone_options", None) or {})
+        backbone = create_shared(backbone, **backbone_options)
     return local_extract(backbone, resolve_images(data), **options)
+
+
+def score(model_dir: Any, images: Any, out_dir: Any, *, engine: str = "local", address: str | None = None,
+          **options: Any):
+    """Score ``images`` with the saved model ``model_dir`` into Parquet partitions ``out_dir/part-*.parquet``
+    (the columns of ``oodscope score --format csv``; a re-run resumes) on an engine: ``"local"`` ->
+    :func:`oodscope.engines.local.score`, ``"ray"`` -> :func:`oodscope.engines.ray.score` (``address``:
+    the cluster). Returns a :class:`~oodscope.engines.jobs.ScoreRun`; the files are the same."""
+    check_engine(engine, address)
+    if engine == "ray":
+        from oodscope.engines import ray as ray_engine
+
+        return ray_engine.score(model_dir, images, out_dir, address=address, **options)
+    from oodscope.engines import local
+
+    return local.score(model_dir, images, out_dir, **options)
 
 
 def loopback_only() -> None:
@@ -81,4 +98,4 @@ def loopback_only() -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-__all__ = ["ENGINES", "EngineUnavailable", "check_engine", "extract", "ray_available"]
+__all__ = ["ENGINES", "EngineUnavailable", "check_engine", "extract", "ray_available", "score"]

@@ -22,14 +22,16 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from oodscope.features.store import atomic_write_bytes
 
-SCORE_FORMAT = "oodscope-ray-score"
+DEFAULT_PARTITION_SIZE = 256
+SCORE_FORMAT = "oodscope-score-partitions"
 FORMAT_VERSION = 1
 JOB_FILE = "_job.json"
 RECORDS_DIR = "ray-jobs"
@@ -206,3 +208,74 @@ def read_record(path: Path) -> dict[str, Any]:
 def remove_tree(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ score jobs
+@dataclass
+class ScorePlan:
+    """A score job checked before anything runs: the model's files, the images, the output directory."""
+
+    model_dir: Path
+    files: dict[str, bytes]
+    source: Any
+    item_ids: list[str]
+    job: ScoreJob
+    out: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.config.get("threshold")) and bool(self.config.get("calibration"))
+
+
+@dataclass
+class ScoreRun:
+    """What a score job wrote: ``partitions`` (Parquet files in input order) and its totals."""
+
+    output: Path
+    partitions: list[Path]
+    images: int
+    written: int  # partitions this run computed
+    skipped: int  # partitions an earlier run had written
+    scored: int
+    n_ood: int
+    failures: list[tuple[str, str]]
+    calibrated: bool
+    alpha: float
+    seconds: float
+
+    def table(self, columns: list[str] | None = None):
+        """Every row, in input order, as a pyarrow Table."""
+        return read_partitions(self.partitions, columns)
+
+
+def plan_score(model_dir: str | os.PathLike, images: Any, out_dir: str | os.PathLike, *,
+               partition_size: int = DEFAULT_PARTITION_SIZE, overwrite: bool = False) -> ScorePlan:
+    """Check a score job without running anything (ValueError: not a model, no such images, an output
+    directory holding another job unless ``overwrite``)."""
+    from oodscope.io import resolve_images
+    from oodscope.pipeline.persistence import read_config
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    files = directory_files(model_dir)
+    source = resolve_images(images, missing_ok=True)  # a missing file in a list is a failed row, as locally
+    ids = [source.item_id(i) for i in range(len(source))]
+    job = ScoreJob(files_key(files), inputs_key(ids, partition_size), len(source), partition_size)
+    out = Path(out_dir)
+    check_score_directory(out, job, overwrite)
+    return ScorePlan(model_dir, files, source, ids, job, out, config)
+
+
+def finish_score(plan: ScorePlan, model: Any, *, written: int, skipped: int, started: float) -> ScoreRun:
+    """The totals of a score job, read back from its partitions (every one must be there)."""
+    paths = [plan.out / part_name(k, ".parquet") for k in range(plan.job.partitions)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"the job ended without writing {len(missing)} partition(s): {', '.join(missing[:5])}")
+    totals = read_partitions(paths, ["item", "ood", "error"]).to_pydict()
+    failures = [(item, error) for item, error in zip(totals["item"], totals["error"], strict=True) if error is not None]
+    return ScoreRun(output=plan.out, partitions=paths, images=plan.job.images, written=written, skipped=skipped,
+                    scored=plan.job.images - len(failures), n_ood=sum(1 for v in totals["ood"] if v),
+                    failures=failures, calibrated=model.is_calibrated, alpha=model.alpha,
+                    seconds=time.perf_counter() - started)

@@ -45,30 +45,27 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from oodscope.engines import EngineUnavailable, check_engine, loopback_only
 from oodscope.engines.jobs import (
-    ScoreJob,
-    check_score_directory,
-    directory_files,
+    DEFAULT_PARTITION_SIZE,
+    ScorePlan,
+    ScoreRun,
     done_partitions,
-    files_key,
+    finish_score,
     inputs_key,
     part_name,
     partition_bounds,
-    read_partitions,
+    plan_score,
     read_record,
     records_dir,
     write_job,
 )
 from oodscope.engines.workers import ForwardSpec, PrepareSpec
 
-DEFAULT_PARTITION_SIZE = 256
 #: How often Ray restarts a dead actor / retries a task whose worker died, before the job fails.
 MAX_RETRIES = 3
 
@@ -303,62 +300,6 @@ def extract(
 
 
 # ------------------------------------------------------------------------------------------ score
-@dataclass
-class ScorePlan:
-    """A score job checked before anything runs: the model's files, the images, the output directory."""
-
-    model_dir: Path
-    files: dict[str, bytes]
-    source: Any
-    item_ids: list[str]
-    job: ScoreJob
-    out: Path
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def calibrated(self) -> bool:
-        return bool(self.config.get("threshold")) and bool(self.config.get("calibration"))
-
-
-@dataclass
-class ScoreRun:
-    """What a score job wrote: ``partitions`` (Parquet files in input order) and its totals."""
-
-    output: Path
-    partitions: list[Path]
-    images: int
-    written: int  # partitions this run computed
-    skipped: int  # partitions an earlier run had written
-    scored: int
-    n_ood: int
-    failures: list[tuple[str, str]]
-    calibrated: bool
-    alpha: float
-    seconds: float
-
-    def table(self, columns: list[str] | None = None):
-        """Every row, in input order, as a pyarrow Table."""
-        return read_partitions(self.partitions, columns)
-
-
-def plan_score(model_dir: str | os.PathLike, images: Any, out_dir: str | os.PathLike, *,
-               partition_size: int = DEFAULT_PARTITION_SIZE, overwrite: bool = False) -> ScorePlan:
-    """Check a score job without running anything (ValueError: not a model, no such images, an output
-    directory holding another job unless ``overwrite``)."""
-    from oodscope.io import resolve_images
-    from oodscope.pipeline.persistence import read_config
-
-    model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    files = directory_files(model_dir)
-    source = resolve_images(images, missing_ok=True)  # a missing file in a list is a failed row, as locally
-    ids = [source.item_id(i) for i in range(len(source))]
-    job = ScoreJob(files_key(files), inputs_key(ids, partition_size), len(source), partition_size)
-    out = Path(out_dir)
-    check_score_directory(out, job, overwrite)
-    return ScorePlan(model_dir, files, source, ids, job, out, config)
-
-
 def score(
     model_dir: str | os.PathLike | None = None,
     images: Any = None,
@@ -410,13 +351,4 @@ def score(
         _run(ray, pending, prepare_spec, forward_spec, num_actors=num_actors, actor_cpus=actor_cpus,
              task_cpus=task_cpus, gpu=_on_gpu(device, backbone), total=job.images,
              done=sum(bounds[k][1] - bounds[k][0] for k in done), progress=progress, description="score")
-    paths = [plan.out / part_name(k, ".parquet") for k in range(len(bounds))]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise RayJobError(f"the Ray job ended without writing {len(missing)} partition(s): {', '.join(missing[:5])}")
-    totals = read_partitions(paths, ["item", "ood", "error"]).to_pydict()
-    failures = [(item, error) for item, error in zip(totals["item"], totals["error"], strict=True) if error is not None]
-    return ScoreRun(output=plan.out, partitions=paths, images=job.images, written=len(pending),
-                    skipped=len(done), scored=job.images - len(failures),
-                    n_ood=sum(1 for v in totals["ood"] if v), failures=failures, calibrated=model.is_calibrated,
-                    alpha=model.alpha, seconds=time.perf_counter() - started)
+    return finish_score(plan, model, written=len(pending), skipped=len(done), started=started)

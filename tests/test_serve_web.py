@@ -40,7 +40,11 @@ KEY = "k-web-test-7f3a"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("web-model") / "digits")
+    """The tiny digits model, built once per test session (shared with test_serve_web/reliability)."""
+    directory = tmp_path_factory.getbasetemp() / "serve-web-reliability-model" / "digits"
+    if not (directory / "model.json").exists():
+        build_model(directory)
+    return directory
 
 
 # --------------------------------------------------------------------------- in process

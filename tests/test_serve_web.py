@@ -175,7 +175,9 @@ def test_the_page_in_headless_chromium(model_dir, tmp_path):
             assert id_card.locator(".chip").count() >= 1  # a non-empty prediction set for the accepted digit
             sync_api.expect(ood_card.locator("dd.set")).to_contain_text("empty")
             sync_api.expect(page.locator("#results-summary")).to_contain_text("1 scored, 1 flagged OOD")
+            page.set_viewport_size({"width": 1280, "height": 520})
             page.screenshot(path=str(tmp_path / "serve_page.png"), full_page=True)
+            page.set_viewport_size({"width": 1280, "height": 900})
 
             # the monitoring view counts both records, the OOD rate is 50 %, the flagged image is shown
             page.click("#tab-monitor")

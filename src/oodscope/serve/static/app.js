@@ -169,7 +169,8 @@
     }
     body.append(
       el("span", { class: "verdict " + (ood ? "ood" : "id"), text: ood ? "OOD" : "ID" }),
-      el("span", { class: "small muted", text: ood ? "not one the model knows" : "looks like the model's data" }),
+      el("div", { class: "explain small muted", text: ood ? "unlike the model's ID data (p-value ≤ alpha)"
+        : "like the model's ID data" }),
       el("dl", { class: "facts" },
         el("dt", { text: "score" }), el("dd", { class: "score", text: fmt(r.score) }),
         el("dt", { text: "p-value" }), el("dd", { class: "p", text: fmt(r.p_value, 3) }),

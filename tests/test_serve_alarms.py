@@ -179,7 +179,7 @@ def test_real_id_streams_false_alarm_at_most_delta(real_scores, capsys):
 
 
 def test_detection_delay_after_a_shift(real_scores, capsys):
-    pool, change, steps, replays, delta = real_scores["id"], 200, 600, 200, 0.01
+    pool, change, steps, replays, delta = real_scores["id"], 200, 600, 100, 0.01
     rows = []
     for name, mix in (("far", 1.0), ("far", 0.3), ("near", 1.0), ("near", 0.5)):
         p = replay(pool, 100, steps, replays, seed=11, after=real_scores[name], change=change, mix=mix)

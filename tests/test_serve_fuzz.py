@@ -25,7 +25,7 @@ from oodscope.serve.auth import ApiKey, hash_key  # noqa: E402
 from oodscope.serve.decode import RequestError, Upload, parse_json_body, prepare  # noqa: E402
 
 SPEC = InputSpec(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _encoded() -> list[bytes]:
@@ -129,7 +129,7 @@ multipart_parts = st.lists(st.tuples(st.text(st.characters(codec="ascii", exclud
                            max_size=5)
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(parts=multipart_parts, boundary=st.sampled_from(["x", "----b0undary", "a" * 70]), raw=st.binary(max_size=120),
        kind=st.sampled_from(["well-formed", "raw", "cut"]))
 def test_fuzzed_uploads_never_get_5xx(client, parts, boundary, raw, kind):
@@ -165,7 +165,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(app):
             operation = result.ok()
             operations += 1
 
-            @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
             @hgiven(case=operation.as_strategy())
             def check(case):
                 case.call_and_validate(headers=AUTH)

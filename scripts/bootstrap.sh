@@ -6,16 +6,23 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${OODSCOPE_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 
-# Debian data packages the demo and tests read (Fashion-MNIST, WordNet). Needs root; without it the
-# tests that need them are skipped with a reason and the demo falls back to packaged data.
-if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/wordnet/index.noun ]; then
+# Debian packages: install those given that are missing (needs root and apt; elsewhere a note, and
+# the tests that need them are skipped with a reason).
+debian_packages() {
+  local missing=() p
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ "${#missing[@]}" -eq 0 ] && return 0
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-    echo "[oodscope] installing Debian packages dataset-fashion-mnist wordnet-base" >&2
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist wordnet-base postgresql chromium chromium-driver >/dev/null
+    echo "[oodscope] installing Debian packages ${missing[*]}" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "[oodscope] note: Debian packages dataset-fashion-mnist / wordnet-base are not installed (need root)" >&2
+    echo "[oodscope] note: Debian packages ${missing[*]} are not installed (need root and apt-get)" >&2
   fi
-fi
+}
+
+# The data the demo and tests read (Fashion-MNIST, WordNet); without them the demo falls back to
+# packaged data.
+debian_packages dataset-fashion-mnist wordnet-base
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[oodscope] creating virtual environment $VENV" >&2

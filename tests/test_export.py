@@ -167,6 +167,19 @@ def test_cache_key_distinguishes_runtime_and_precision(effnet64, data, tmp_path)
     assert np.abs(a.features.penultimate - b.features.penultimate).max() <= TOLERANCE
 
 
+def test_create_with_a_runtime_exports_once_into_the_cache(effnet64, tmp_path, monkeypatch):
+    monkeypatch.setenv("OODSCOPE_CACHE", str(tmp_path / "cache"))
+    first = create("effnet-lite0@64", device="cpu", runtime="onnxruntime")
+    assert isinstance(first, ExportedBackbone) and first.runtime == "onnxruntime" and first.precision == "fp32"
+    assert first.directory.parent == tmp_path / "cache" / "exports"
+    made = (first.directory / "manifest.json").stat().st_mtime_ns
+    again = create("effnet-lite0@64", device="cpu", runtime="onnxruntime")
+    assert again.directory == first.directory and (again.directory / "manifest.json").stat().st_mtime_ns == made
+    assert create("effnet-lite0@64", device="cpu", export_dir=first.directory).runtime == "onnxruntime"
+    with pytest.raises(ExportError, match="unknown runtime"):
+        create("effnet-lite0@64", device="cpu", runtime="tensorrt")
+
+
 def test_exported_graph_refuses_another_network_model_in_the_loop_and_tampering(tmp_path):
     export_network(tiny_classifier(0), tmp_path / "x", runtime="onnxruntime")
     with pytest.raises(ExportError, match="is an export of 'tiny-cnn-0', not of 'tiny-cnn-1'"):
@@ -267,7 +280,16 @@ def test_int8_export_reports_its_auroc_change(saved_model, data, tmp_path, capsy
 
 
 def test_export_bad_arguments_exit_2(saved_model, tmp_path, capsys):
-    code = main(["export", str(saved_model), "--format", "onnx", "--int8"])
-    assert code == 2 and "--int8 needs --calibration" in capsys.readouterr().err
+    cases = [
+        (["--format", "onnx", "--int8"], "--int8 needs --calibration"),
+        (["--format", "onnx", "--calibration", str(tmp_path)], "--calibration is for --int8"),
+        (["--format", "onnx", "--test-ood", str(tmp_path)], "--test-ood needs --test-id"),
+        (["--format", "onnx", "--test-id", str(tmp_path / "nope")], "nope"),
+        (["--format", "onnx", "-o", str(Path(oodscope.__file__).parent)], "is not empty"),
+    ]
+    for extra, phrase in cases:
+        code = main(["export", str(saved_model), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and phrase in err and err.startswith("oodscope export: error: "), (extra, err)
     code = main(["export", str(tmp_path), "--format", "onnx"])
     assert code == 2 and "not a saved oodscope model" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from pathlib import Path
 from oodscope.cli.commands._common import (
     EXIT_OK,
     UsageError,
+    add_max_pixels_option,
     add_model_options,
     add_overwrite_option,
     check_output,
@@ -53,6 +54,7 @@ def register(sub) -> None:
                         help="export directory (default MODEL_DIR/export/<runtime>, where OODModel.load finds it)")
     add_overwrite_option(parser, "an existing export there is replaced")
     add_model_options(parser, ("batch_size", "num_workers"))
+    add_max_pixels_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     runtime = runtime_of_format(args.format)
     with checking():
         config = read_config(args.model)
+    if config.get("kind") == "model":
+        raise UsageError(f"{config['method']} differentiates through the network (a model-in-the-loop detector): "
+                         "it runs on PyTorch only, there is nothing to export")
     if args.int8 and args.calibration is None:
         raise UsageError("--int8 needs --calibration DATA: ID images to measure the quantisation ranges on")
     if args.calibration is not None and not args.int8:

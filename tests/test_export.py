@@ -4,7 +4,8 @@ when they do not belong to the model, INT8 reported.
 Real images: the Fashion-MNIST sample that ships with oodscope (ID: its 6 Fashion-MNIST-OOD classes)
 and scikit-learn digits (OOD). Networks: the tiny CNN of ``tiny_models`` (TorchClassifier with
 patches and a layer) and EfficientNet-Lite0 at 64 px (every output: logits, penultimate, patches,
-the stage layers). Each export takes a few seconds; the file runs in well under a minute on 2 cores.
+the stage layers). Each export takes a few seconds; the file takes ~45 CPU-seconds (about that on 2
+idle cores).
 """
 
 from __future__ import annotations

@@ -436,3 +436,36 @@ def test_audits_and_bench_share_the_adaptive_stream() -> None:
     det.reset()
     stream = det.score(Features.concatenate([id_f, ood_f]).subset(order))
     np.testing.assert_array_equal(np.concatenate([s_id, s_ood])[order], stream)
+
+
+def test_siglip_dense_patches_are_the_value_path_of_its_last_layer(tmp_path) -> None:
+    """No official GL-MCM code exists for SigLIP: "dense" is the same value path on its last encoder
+    layer, then its final layer norm (SigLIP has no projection), checked here against a hand computation."""
+    from oodscope.backbones import create
+
+    config = transformers.SiglipConfig(
+        text_config=dict(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+    )
+    torch.manual_seed(1)
+    transformers.SiglipModel(config).save_pretrained(tmp_path)
+    backbone = create(f"hf:{tmp_path}", device="cpu", patches=True)
+    images = torch.randn(2, 3, 16, 16)
+    patches = backbone.encode_images(images).patches
+    vm = backbone.model.vision_model
+    with torch.no_grad():
+        h = vm(pixel_values=images, output_hidden_states=True).hidden_states[-2]
+        layer = vm.encoder.layers[-1]
+        a = layer.self_attn
+        v = h + torch.nn.functional.linear(
+            torch.nn.functional.linear(torch.nn.functional.layer_norm(h, (16,), layer.layer_norm1.weight,
+                                                                      layer.layer_norm1.bias, layer.layer_norm1.eps),
+                                       a.v_proj.weight, a.v_proj.bias), a.out_proj.weight, a.out_proj.bias)
+        v = v + layer.mlp(layer.layer_norm2(v))
+        expected = vm.post_layernorm(v)
+    assert patches.shape == (2, 4, 16)
+    np.testing.assert_allclose(patches, expected.numpy(), rtol=0, atol=1e-5)
+    tokens = create(f"hf:{tmp_path}", device="cpu", patches="tokens").encode_images(images).patches
+    assert not np.allclose(tokens, patches, atol=1e-3)

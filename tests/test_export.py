@@ -10,6 +10,7 @@ idle cores).
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -32,7 +33,14 @@ from oodscope.backbones.exported import (
 )
 from oodscope.cli.main import main
 from oodscope.features.extract import backbone_config, extract
-from oodscope.io import FASHION_MNIST_CLASSES, FASHION_MNIST_ID_CLASSES, Subset, digits, fashion_mnist
+from oodscope.io import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ID_CLASSES,
+    Subset,
+    digits,
+    fashion_mnist,
+    write_image_folder,
+)
 from oodscope.pipeline import OODModel, OODModelError
 
 pytest.importorskip("onnx")
@@ -233,6 +241,20 @@ def test_saved_model_scored_by_onnxruntime_makes_the_same_decisions(saved_model,
         # KNN scores move by < 1e-5 while no test score is that close to the threshold: identical decisions.
         np.testing.assert_array_equal(a.ood, b.ood)
         np.testing.assert_array_equal(a.p_values, b.p_values)
+
+
+def test_oodscope_score_runs_the_export_when_asked(saved_model, data, tmp_path):
+    images = write_image_folder(Subset(data["ood_test"], np.arange(8)), tmp_path / "imgs")
+    rows = {}
+    for runtime in ("torch", "onnxruntime"):
+        out = tmp_path / f"{runtime}.csv"
+        assert main(["score", str(saved_model), str(images), "--runtime", runtime, "--format", "csv", "--workers", "0",
+                     "--no-cache", "-o", str(out)]) == 0
+        rows[runtime] = list(csv.DictReader(out.open()))
+    assert [r["item"] for r in rows["torch"]] == [r["item"] for r in rows["onnxruntime"]]
+    for a, b in zip(rows["torch"], rows["onnxruntime"], strict=True):
+        assert abs(float(a["score"]) - float(b["score"])) <= 1e-4 and a["ood"] == b["ood"]
+    assert main(["score", str(saved_model), str(images), "--runtime", "openvino", "--workers", "0"]) == 1  # no export
 
 
 def test_export_that_does_not_match_the_model_is_refused(saved_model, tmp_path):

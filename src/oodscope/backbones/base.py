@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 ResizePolicy = Literal["shorter_center_crop", "stretch", "letterbox"]
 
+#: Where a backbone's network runs: eager PyTorch, or its export (``oodscope export``, backbones/exported.py).
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+
 # Names of the per-image arrays in Features; everything else in it is per-model.
 PER_IMAGE_FIELDS = ("embedding", "logits", "penultimate", "patches")
 

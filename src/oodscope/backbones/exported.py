@@ -46,10 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from oodscope.backbones.base import Features, InputSpec, derived_from
+from oodscope.backbones.base import RUNTIMES, Features, InputSpec, derived_from
 
 #: What ``runtime=`` accepts everywhere ("torch" = the eager PyTorch backbone, unchanged).
-RUNTIMES = ("torch", "onnxruntime", "openvino")
 #: ``oodscope export --format`` -> the runtime that runs it.
 FORMATS = {"onnx": "onnxruntime", "openvino": "openvino"}
 PRECISIONS = ("fp32", "int8")

@@ -169,7 +169,7 @@ class Service:
 
 
 # ------------------------------------------------------------------------------------------- models
-def _served_models(models: Any, backbone: Any, device: str | None) -> dict[str, ServedModel]:
+def _served_models(models: Any, backbone: Any, device: str | None, runtime: str = "torch") -> dict[str, ServedModel]:
     if isinstance(models, str | Path | OODModel):
         models = [models]
     if isinstance(models, Mapping):
@@ -194,7 +194,7 @@ def _served_models(models: Any, backbone: Any, device: str | None) -> dict[str, 
         elif isinstance(m, OODModel):
             out[name] = ServedModel.from_model(name, m)
         else:
-            out[name] = ServedModel.load(name, m, backbone=backbone, device=device)
+            out[name] = ServedModel.load(name, m, backbone=backbone, device=device, runtime=runtime)
     return out
 
 
@@ -333,6 +333,7 @@ def create_app(
     config: ServeConfig | None = None,
     backbone: Any = None,
     device: str | None = None,
+    runtime: str = "torch",
     **settings: Any,
 ) -> FastAPI:
     """The scoring service for ``models``.
@@ -354,7 +355,7 @@ def create_app(
             raise TypeError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(ServeConfig.names())}")
         values = {name: getattr(cfg, name) for name in ServeConfig.names()} | settings
         cfg = ServeConfig(**values)
-    served = _served_models(models, backbone, device)
+    served = _served_models(models, backbone, device, runtime)
     the_store = store if isinstance(store, Store) else Store.open(store, sync=cfg.store_sync)
     service = Service(served, the_store, _keyring(api_keys), cfg)
     ref = {"service": service}

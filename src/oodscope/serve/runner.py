@@ -54,7 +54,7 @@ class ServedModel:
     """One model the service scores with (owned by the engine's worker thread once serving)."""
 
     def __init__(self, name: str, model: OODModel, fingerprint: str, directory: Path | None = None,
-                 backbone: Any = None) -> None:
+                 backbone: Any = None, runtime: str = "torch") -> None:
         if not model.is_fitted:
             raise OODModelError(f"model {name!r} is not fitted")
         if not model.is_calibrated:
@@ -66,18 +66,21 @@ class ServedModel:
         self.fingerprint = fingerprint
         self.directory = directory
         self.backbone_arg = backbone
+        self.runtime = runtime
         self.network, self.derive = derived_from(model.backbone)
         self._card = self._make_card()  # once, here: request threads never touch the model the worker owns
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, name: str, directory: str | Path, *, backbone: Any = None, device: str | None = None) -> ServedModel:
-        """Load a saved model directory (``backbone``: the object or factory for models fitted on one)."""
+    def load(cls, name: str, directory: str | Path, *, backbone: Any = None, device: str | None = None,
+             runtime: str = "torch") -> ServedModel:
+        """Load a saved model directory (``backbone``: the object or factory for models fitted on one;
+        ``runtime``: ``"onnxruntime"`` / ``"openvino"`` run its exported network, see docs/export.md)."""
         directory = Path(directory)
         obj = backbone() if callable(backbone) and not callable(getattr(backbone, "encode_images", None)) \
             else backbone
-        model = OODModel.load(directory, backbone=obj, device=device, num_workers=0, progress=False)
-        return cls(name, model, directory_fingerprint(directory), directory, backbone)
+        model = OODModel.load(directory, backbone=obj, device=device, num_workers=0, progress=False, runtime=runtime)
+        return cls(name, model, directory_fingerprint(directory), directory, backbone, runtime)
 
     @classmethod
     def from_model(cls, name: str, model: OODModel) -> ServedModel:
@@ -91,7 +94,7 @@ class ServedModel:
     def reloaded(self) -> ServedModel:
         if self.directory is None:
             raise OODModelError(f"model {self.name!r} was given in memory, not as a directory: nothing to reload")
-        return ServedModel.load(self.name, self.directory, backbone=self.backbone_arg)
+        return ServedModel.load(self.name, self.directory, backbone=self.backbone_arg, runtime=self.runtime)
 
     # ------------------------------------------------------------------ description
     @property

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from oodscope.backbones.base import RUNTIMES
 from oodscope.cli.commands._common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
@@ -64,6 +65,8 @@ def register(sub) -> None:
     add_overwrite_option(parser, "the file is replaced")
     parser.add_argument("--chunk-size", type=counted(1), default=256, help="images per streamed chunk (default 256)")
     parser.add_argument("--no-cache", action="store_true", help="do not use the feature cache ($OODSCOPE_CACHE)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="run the network on torch (default) or on the model's export (oodscope export)")
     add_backbone_options(parser)
     add_max_pixels_option(parser)
     add_engine_options(parser, "scoring")  # --engine / --address (issue 13: cli/commands/_engine.py)
@@ -158,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     with checking():
         check_engine_args(args)  # --address without --engine ray is refused (issue 13)
         source = check(args)
-    model = OODModel.load(args.model, device=args.device, cache_dir=None if args.no_cache else default_cache_dir(),
+    model = OODModel.load(args.model, runtime=args.runtime, device=args.device,
+                          cache_dir=None if args.no_cache else default_cache_dir(),
                           batch_size=args.batch_size, num_workers=args.num_workers)
     calibrated = model.is_calibrated
     if not calibrated:

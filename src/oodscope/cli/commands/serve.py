@@ -17,6 +17,8 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from oodscope.backbones.base import RUNTIMES
+
 HELP = "serve saved models over HTTP, with a monitoring store and shift alarms"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -72,6 +74,8 @@ def register(sub) -> None:
     model.add_argument("--backbone-factory", default=None, metavar="MODULE:CALLABLE",
                        help="for models fitted on a backbone object: a function returning that backbone")
     model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    model.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                       help="run the network on torch (default) or on the model's export (oodscope export)")
     model.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads for the forward pass (default: torch's choice, one per core)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -191,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(models, store=args.store, api_keys=keys, config=config, backbone=factory,
-                         device=args.device)
+                         device=args.device, runtime=args.runtime)
     except StoreError as err:
         return _fail(str(err), EXIT_FAILED)
     except (ValueError, OSError, ImportError, KeyError) as err:

@@ -219,8 +219,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[: srv.cut_after]
             srv.cut_after = None  # only the first transfer breaks off
             self.close_connection = True
+        srv.sent += len(body)  # counted before writing: the client may finish reading before this thread resumes
         self.wfile.write(body)
-        srv.sent += len(body)
 
 
 @pytest.fixture()

@@ -4,7 +4,8 @@
    PNG decodes, as for a bucket of files).
 2. **Stage costs**, one process, one torch thread, on a sample of the images: read + content hash,
    decode + resize, the network's forward pass (batches of 64) and KNN scoring of features — the
-   per-image numbers the capacity plan is computed from.
+   per-image numbers the capacity plan is computed from; and hash + decode + resize of JPEG photos of
+   0.27, 2.5 and 10.7 megapixels (Fashion-MNIST's 28x28 PNGs cost almost nothing to decode).
 3. **Extraction throughput**, each run into a fresh feature store, wall time from call to result:
    ``local`` (``oodscope.features.extract.extract``: DataLoader workers + 2 torch threads; ``local-1t`` the
    same with 1 torch thread, as each Ray actor runs) and
@@ -111,6 +112,33 @@ def stage_costs(backbone, source, sample: int, batch: int = 64) -> dict[str, flo
             "forward": 1e3 * (t4 - t3) / n, "knn score": 1e3 * (t6 - t5) / (n - n // 2)}
 
 
+def photo_costs(spec: InputSpec, repeats: int = 40) -> dict[str, float]:
+    """Milliseconds to read, decode and resize one JPEG photo (one core): scikit-learn's two sample photos
+    (640x427) and the same photos enlarged to 1920x1280 and 4000x2667 (saved at JPEG quality 90)."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from oodscope.io.images import decode_image
+
+    out = {}
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    for label, size in (("0.27 MP", None), ("2.5 MP", (1920, 1280)), ("10.7 MP", (4000, 2667))):
+        blobs = []
+        for photo in photos:
+            buffer = io.BytesIO()
+            (photo if size is None else photo.resize(size, Image.BICUBIC)).save(buffer, "JPEG", quality=90)
+            blobs.append(buffer.getvalue())
+        t0 = time.perf_counter()
+        for r in range(repeats):
+            raw = blobs[r % len(blobs)]
+            content_hash(raw)
+            prepare_pixels(decode_image(raw, path="photo.jpg"), spec)
+        out[f"{label} JPEG ({len(blobs[0]) // 1024} KB)"] = 1e3 * (time.perf_counter() - t0) / repeats
+    return out
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -191,6 +219,8 @@ def main() -> None:
         costs = stage_costs(backbone, source, args.sample, args.batch_size)
         print(f"stage costs, {args.backbone}, ms per image on one core: "
               + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()), flush=True)
+        print(f"hash + decode + resize to {backbone.input_spec.size} px of photos, ms on one core: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in photo_costs(backbone.input_spec).items()), flush=True)
         started = time.perf_counter()
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
                  _node_ip_address="127.0.0.1")
@@ -210,9 +240,10 @@ def main() -> None:
                 walls = throughput("conv32", tiny, tiny, source, folder, args.rounds, args.batch_size)
                 marginal = report("near-free network (32 px)", len(source), walls)
                 for name in ("ray-1", "ray-2"):
-                    print(f"Ray overhead, {name}: {marginal[name] - marginal['local']:.2f} ms per image (marginal, "
-                          f"near-free network, minus local) + {walls[name]['fixed'] - walls['local']['fixed']:.1f} s "
-                          "per job")
+                    for base in ("local", "local-1t"):
+                        print(f"Ray overhead, {name} vs {base}: {marginal[name] - marginal[base]:.2f} ms per image "
+                              f"(marginal, near-free network) + {walls[name]['fixed'] - walls[base]['fixed']:.1f} s "
+                              "per job")
         finally:
             ray.shutdown()
     print(f"load average after: {os.getloadavg()}")

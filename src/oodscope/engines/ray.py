@@ -45,6 +45,7 @@ import logging
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None):
     """The ``ray`` module, connected to a cluster (see the module docstring for ``address``)."""
     check_engine("ray", address)
     start_here = address == "local" or (address is None and not os.environ.get("RAY_ADDRESS"))
-    if start_here:
-        loopback_only()
+    target = None if start_here else _target(address)
+    if start_here or (target is not None and _is_loopback(target[0])):
+        loopback_only()  # a cluster on 127.0.0.1: this driver on 127.0.0.1 too (Ray would use the machine's IP)
     try:
         import ray
         import ray.data
@@ -95,13 +97,71 @@ def connect(address: str | None = None, *, num_cpus: int | None = None):
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                      _node_ip_address="127.0.0.1")
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
+            if target is not None:
+                _check_reachable(*target)  # Ray itself retries an unreachable head for minutes
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except ConnectionError as err:
+                hint = ""
+                if address not in (None, "auto") and not os.environ.get("RAY_AUTH_MODE"):
+                    hint = ("; a cluster with token authentication (the default of `ray start` in recent Ray) is "
+                            "joined by address with RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
+                            "~/.ray/auth_token); --address auto finds it on the head's machine")
+                first = (str(err).strip().splitlines() or [""])[0].split(". Last connection error")[0]
+                raise ConnectionError(f"cannot join the Ray cluster at {address} ({first}){hint}") from None
+            except Exception as err:
+                if type(err).__module__.startswith("ray"):
+                    raise RayJobError(f"cannot join the Ray cluster at {address}: {_one_line(err)}") from None
+                raise
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # one oodscope progress bar instead
     if hasattr(context, "print_on_execution_start"):
         context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     return ray
+
+
+def _target(address: str | None) -> tuple[str, int] | None:
+    """(host, port) that ``address`` points to: HOST:PORT, ray://HOST:PORT, ``$RAY_ADDRESS`` for None, and for
+    ``auto`` the cluster ``ray start`` recorded on this machine; None when unknown."""
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS")
+    if address == "auto":
+        record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        try:
+            address = record.read_text().strip().splitlines()[0]
+        except (OSError, IndexError):
+            return None
+    if not address or address in ("auto", "local"):
+        return None
+    text = address.split("://", 1)[-1]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_reachable(host: str, port: int, timeout: float = 10.0) -> None:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConnectionError(f"cannot reach the Ray cluster at {host}:{port} ({err.strerror or err}); is it "
+                              "running (`ray start --head ...`, `ray status`)?") from None
 
 
 def _plan_workers(ray, *, num_actors: int | None, actor_cpus: float, task_cpus: float,

@@ -326,6 +326,29 @@ def test_cli_extract_and_score_on_ray(cluster, data, model_dir, tmp_path, capsys
     assert code == 3 and "0 written now, 10 already there" in err
 
 
+def test_cli_score_on_ray_runs_the_models_export(cluster, data, model_dir, tmp_path, capsys):
+    """``--runtime onnxruntime`` (the model's ``oodscope export``) on the actors: the local engine's rows."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'oodscope[export]')")
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    assert main(["export", str(model), "--format", "onnx", "--workers", "0"]) == 0
+    capsys.readouterr()
+    from oodscope.pipeline import OODModel
+
+    want = OODModel.load(model, runtime="onnxruntime", progress=False, num_workers=0).predict([data / "id"])
+    code, _, err = run_cli(["score", model, data / "id", "-o", tmp_path / "parts", "--engine", "ray", "--runtime",
+                            "onnxruntime", "--chunk-size", PART], capsys)
+    assert code == 0, err
+    import pyarrow.parquet as pq
+
+    assert_same_rows(pq.read_table(sorted((tmp_path / "parts").glob("part-*.parquet"))), want)
+    # The torch runtime is another job for the same directory (its scores may differ in the last bits).
+    with pytest.raises(ValueError, match="the model differ"):
+        ray_engine.plan_score(model, [data / "id"], tmp_path / "parts", partition_size=PART)
+
+
 def test_cli_bench_on_ray(cluster, data, tmp_path, capsys, monkeypatch):
     def bench(out, cache, *extra):
         monkeypatch.setenv("OODSCOPE_CACHE", str(cache))

@@ -62,14 +62,16 @@ def inputs_key(item_ids: Iterable[str], partition_size: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def directory_files(directory: str | os.PathLike, skip: tuple[str, ...] = ("export",)) -> dict[str, bytes]:
-    """Every file below ``directory`` (relative path -> bytes), except the top-level folders ``skip``."""
+def directory_files(directory: str | os.PathLike, runtime: str = "torch") -> dict[str, bytes]:
+    """Every file of a saved model directory (relative path -> bytes): its exported networks
+    (``export/``) only for ``runtime``'s own export (``export/<runtime>/``)."""
     root = Path(directory)
     files = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if path.is_file() and rel.parts[0] not in skip:
-            files[rel.as_posix()] = path.read_bytes()
+        if not path.is_file() or (rel.parts[0] == "export" and (len(rel.parts) < 3 or rel.parts[1] != runtime)):
+            continue
+        files[rel.as_posix()] = path.read_bytes()
     return files
 
 
@@ -222,6 +224,7 @@ class ScorePlan:
     job: ScoreJob
     out: Path
     config: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "torch"
 
     @property
     def calibrated(self) -> bool:
@@ -250,21 +253,24 @@ class ScoreRun:
 
 
 def plan_score(model_dir: str | os.PathLike, images: Any, out_dir: str | os.PathLike, *,
-               partition_size: int = DEFAULT_PARTITION_SIZE, overwrite: bool = False) -> ScorePlan:
+               partition_size: int = DEFAULT_PARTITION_SIZE, overwrite: bool = False,
+               runtime: str = "torch") -> ScorePlan:
     """Check a score job without running anything (ValueError: not a model, no such images, an output
-    directory holding another job unless ``overwrite``)."""
+    directory holding another job unless ``overwrite``). ``runtime``: the network runs on torch or on the
+    model's ``export/<runtime>`` (as :meth:`OODModel.load`); its files are part of the job's model key."""
     from oodscope.io import resolve_images
     from oodscope.pipeline.persistence import read_config
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    files = directory_files(model_dir)
+    files = directory_files(model_dir, runtime)
     source = resolve_images(images, missing_ok=True)  # a missing file in a list is a failed row, as locally
     ids = [source.item_id(i) for i in range(len(source))]
-    job = ScoreJob(files_key(files), inputs_key(ids, partition_size), len(source), partition_size)
+    job = ScoreJob(files_key({**files, "runtime": runtime.encode()}), inputs_key(ids, partition_size), len(source),
+                   partition_size)
     out = Path(out_dir)
     check_score_directory(out, job, overwrite)
-    return ScorePlan(model_dir, files, source, ids, job, out, config)
+    return ScorePlan(model_dir, files, source, ids, job, out, config, runtime)
 
 
 def finish_score(plan: ScorePlan, model: Any, *, written: int, skipped: int, started: float) -> ScoreRun:

@@ -37,6 +37,7 @@ def score(
     partition_size: int = DEFAULT_PARTITION_SIZE,
     overwrite: bool = False,
     progress: bool = True,
+    runtime: str = "torch",
 ) -> ScoreRun:
     """Score images with a saved model into ``out_dir/part-NNNNNN.parquet`` here (see
     :func:`oodscope.engines.ray.score` for the files and the resume rule)."""
@@ -49,9 +50,10 @@ def score(
     if plan is None:
         if model_dir is None or images is None or out_dir is None:
             raise ValueError("score needs model_dir, images and out_dir (or a plan from plan_score)")
-        plan = plan_score(model_dir, images, out_dir, partition_size=partition_size, overwrite=overwrite)
+        plan = plan_score(model_dir, images, out_dir, partition_size=partition_size, overwrite=overwrite,
+                          runtime=runtime)
     model = OODModel.load(plan.model_dir, backbone=backbone, device=device, cache_dir=cache_dir,
-                          batch_size=batch_size, num_workers=num_workers, progress=False)
+                          batch_size=batch_size, num_workers=num_workers, progress=False, runtime=plan.runtime)
     write_job(plan.out, plan.job)
     bounds = partition_bounds(plan.job.images, plan.job.partition_size)
     done = done_partitions(plan.out, ".parquet", len(bounds))

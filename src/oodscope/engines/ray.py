@@ -376,6 +376,7 @@ def score(
     task_cpus: float = 1.0,
     overwrite: bool = False,
     progress: bool = True,
+    runtime: str = "torch",
 ) -> ScoreRun:
     """Score images with a saved :class:`~oodscope.pipeline.OODModel` on a Ray cluster; rows go to
     ``out_dir/part-NNNNNN.parquet`` (the columns of ``oodscope score --format csv``, in input order).
@@ -390,11 +391,12 @@ def score(
     if plan is None:
         if model_dir is None or images is None or out_dir is None:
             raise ValueError("score needs model_dir, images and out_dir (or a plan from plan_score)")
-        plan = plan_score(model_dir, images, out_dir, partition_size=partition_size, overwrite=overwrite)
+        plan = plan_score(model_dir, images, out_dir, partition_size=partition_size, overwrite=overwrite,
+                          runtime=runtime)
     job = plan.job
     # Loaded here too: a model for another backbone or other weights is refused before the cluster is used,
     # and the tasks need the network's input size.
-    model = OODModel.load(plan.model_dir, backbone=backbone, device="cpu", progress=False)
+    model = OODModel.load(plan.model_dir, backbone=backbone, device="cpu", progress=False, runtime=plan.runtime)
     from oodscope.backbones.base import derived_from
 
     network, _ = derived_from(model.backbone)
@@ -407,8 +409,9 @@ def score(
         prepare_spec = PrepareSpec(plan.source, network.input_spec, job.images, job.partition_size, None,
                                    *_pixel_limits())
         forward_spec = ForwardSpec("score", batch_size, device, backbone=backbone, model_files=plan.files,
+                                   runtime=plan.runtime,
                                    out_dir=str(plan.out.absolute()))
         _run(ray, pending, prepare_spec, forward_spec, num_actors=num_actors, actor_cpus=actor_cpus,
-             task_cpus=task_cpus, gpu=_on_gpu(device, backbone), total=job.images,
+             task_cpus=task_cpus, gpu=plan.runtime == "torch" and _on_gpu(device, backbone), total=job.images,
              done=sum(bounds[k][1] - bounds[k][0] for k in done), progress=progress, description="score")
     return finish_score(plan, model, written=len(pending), skipped=len(done), started=started)

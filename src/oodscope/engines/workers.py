@@ -7,7 +7,8 @@
   runs the network on the prepared pixels, then, for ``score``, the fitted detector and the decisions
   of the saved model (:func:`oodscope.pipeline.decisions.predict_chunk`, the function local scoring
   uses), and writes the partition atomically. The fitted state reaches each actor once: the saved
-  model directory travels in the object store and the actor's constructor loads it.
+  model directory travels in the object store, is unpacked once per node (:func:`model_folder`) and
+  the actor's constructor loads it.
 
 Nothing here imports Ray at module level; the specs arrive as Ray object references and are fetched
 once per worker process.
@@ -16,6 +17,7 @@ once per worker process.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ class ForwardSpec:
     records: str | None = None
     model_files: dict[str, bytes] | None = None  # score: the saved OODModel directory
     out_dir: str | None = None
+    runtime: str = "torch"  # score: torch, or the model's export/<runtime>
 
 
 _FETCHED: dict[str, Any] = {}
@@ -165,6 +168,24 @@ class ChunkWriter(FeatureStore):
         self._chunks.clear()
 
 
+def model_folder(files: dict[str, bytes]) -> Path:
+    """The saved model unpacked once per node, under the temporary directory and named by its content
+    (every actor of every job on that node loads it from there; exported networks are read lazily)."""
+    from oodscope.engines.jobs import files_key
+
+    root = Path(tempfile.gettempdir()) / "oodscope-ray-models"
+    target = root / files_key(files)
+    if not (target / "model.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root))
+        unpack_files(files, staging)
+        try:
+            os.replace(staging, target)  # atomic: another actor may have put it there first
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 class Forward:
     """Ray Data actor: one backbone (and, for ``score``, the loaded OODModel) per actor."""
 
@@ -179,13 +200,10 @@ class Forward:
         if spec.kind == "score":
             from oodscope.pipeline import OODModel
 
-            folder = tempfile.mkdtemp(prefix="oodscope-model-")
-            try:
-                unpack_files(spec.model_files, folder)
-                self.model = OODModel.load(folder, backbone=spec.backbone, device=spec.device, progress=False)
-                backbone = self.model.backbone
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
+            folder = model_folder(spec.model_files)
+            self.model = OODModel.load(folder, backbone=spec.backbone, device=spec.device, progress=False,
+                                       runtime=spec.runtime)
+            backbone = self.model.backbone
         else:
             backbone = spec.backbone
             if isinstance(backbone, str):

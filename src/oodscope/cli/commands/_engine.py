@@ -79,9 +79,10 @@ def score_on_ray(args: argparse.Namespace, check) -> int:
             source = check(args)  # the model, the images: as the local command checks them
         finally:
             args.output = output
-        check_output(output, overwrite=args.overwrite, kind="dir", markers=("_job.json",), what="the partitions")
+        check_output(output, overwrite=args.overwrite, kind="dir", markers=("_job.json",),
+                     what="the output (Parquet partitions)")
         plan = ray_engine.plan_score(args.model, source, output, partition_size=args.chunk_size,
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, runtime=getattr(args, "runtime", "torch"))
     if not plan.calibrated:
         print(f"oodscope score: note: {args.model} is not calibrated: scores and classes only, the p-value and "
               "decision columns stay empty; decisions need calibration (oodscope fit ... --calibration-dir "

@@ -4,8 +4,10 @@ A class is described by prompts made from templates (``"a photo of a {}."``), or
 own (``custom``), plus optional descriptions. Its embedding is the prompt ensemble: the mean of the
 L2-normalized embeddings of its prompts, normalized again.
 
-The default templates below were written for oodscope. ``"simple"`` is the single template that
-MCM, GL-MCM and EOE use in their papers; ``"ensemble"`` is our multi-template set.
+The default templates below were written for oodscope. ``"simple"`` ("a photo of a {}.") is the
+single template of MCM and EOE; GL-MCM's official code uses "a photo of a {}" without the full stop
+and NegLabel / AdaNeg their own strings (set by those detectors, see docs/zero_shot.md);
+``"ensemble"`` is our multi-template set.
 """
 
 from __future__ import annotations

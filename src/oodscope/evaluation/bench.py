@@ -125,7 +125,7 @@ def _plan_backbones(cfg: BenchConfig) -> list[BackboneEntry]:
         else:
             backbone, name = item, item.id
         network, derive = derived_from(backbone)
-        entries.append(BackboneEntry(name, backbone, network, derive))
+        entries.append(BackboneEntry(name, backbone, network, derive, _network_key(network)))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"backbones listed twice: {names}")
@@ -204,7 +204,7 @@ def run_benchmark(config: BenchConfig | Mapping[str, Any]) -> BenchResult:
     ctx = RunContext(cfg, sets, classes, labels_aligned, out, timing, log)
     for position, entry in enumerate(entries):
         log(f"backbone {entry.name}")
-        network = _network_key(entry.network)
+        network = entry.network_key
         feature_sets: dict[str, FeatureSet] = {}
         for set_name, s in sets.items():
             key = (network, set_name)
@@ -230,7 +230,7 @@ def run_benchmark(config: BenchConfig | Mapping[str, Any]) -> BenchResult:
         rows += bb_rows
         failures += bb_failures
         score_files[entry.name] = bb_scores
-        if all(_network_key(e.network) != network for e in entries[position + 1:]):
+        if all(e.network_key != network for e in entries[position + 1:]):
             for key in [k for k in extractions if k[0] == network]:
                 del extractions[key]  # no later backbone shares these features: free them
 

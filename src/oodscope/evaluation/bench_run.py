@@ -48,6 +48,9 @@ class BackboneEntry:
     backbone: Any
     network: Any  # what runs on images (the classifier under a derived backbone such as ConSE)
     derive: Callable[[Features], Features] | None  # network features -> this backbone's features
+    #: Backbones whose networks compute the same features share one extraction (and its cache). Computed
+    #: once: a network's weights fingerprint may hash all of its weights.
+    network_key: str = ""
 
 
 class FeatureSet:

@@ -107,7 +107,7 @@ def score_on_ray(args: argparse.Namespace, check) -> int:
 def bench_features_on_ray(cfg: Any, args: argparse.Namespace) -> None:
     """Extract every set of the benchmark on the cluster into its feature cache (one job per network)."""
     from oodscope.engines import ray as ray_engine
-    from oodscope.evaluation.bench import _network_key, _plan_backbones, _plan_sets
+    from oodscope.evaluation.bench import _plan_backbones, _plan_sets
     from oodscope.io import Concat, Relabel
 
     with checking():
@@ -121,7 +121,7 @@ def bench_features_on_ray(cfg: Any, args: argparse.Namespace) -> None:
     source = sources[0] if len(sources) == 1 else Concat(sources)
     seen: set[str] = set()
     for item, entry in zip(cfg.backbones, entries, strict=True):
-        key = _network_key(entry.network)
+        key = entry.network_key
         if key in seen:
             continue
         seen.add(key)

@@ -19,12 +19,13 @@ from oodscope.detectors.base import (
     Detector,
     DetectorError,
     FeatureInput,
+    check_params,
     create,
     registered,
 )
 from oodscope.detectors.kinds import FitNeeds, missing_fit_inputs, needs_of_kind
 
-__all__ = ["build_detector", "class_needs", "fit_detector", "fit_problems"]
+__all__ = ["build_detector", "class_needs", "fit_detector", "fit_problems", "planned_params"]
 
 
 def class_needs(name_or_cls: str | type[Detector]) -> FitNeeds:
@@ -41,6 +42,13 @@ def build_detector(name: str, params: Mapping[str, Any] | None = None, classes: 
     ``override_classes``). A kind that needs class names and gets none is refused with a message
     that says how to give them.
     """
+    return create(name, **planned_params(name, params, classes, override_classes=override_classes))
+
+
+def planned_params(name: str, params: Mapping[str, Any] | None = None, classes: Sequence[str] | None = None,
+                   *, override_classes: bool = False) -> dict[str, Any]:
+    """The parameters :func:`build_detector` creates ``name`` with, checked (unknown or missing ones, missing
+    class names) without creating it; the constructor's own value checks come at creation."""
     cls = _class(name)
     params = dict(params or {})
     if class_needs(cls).classes:
@@ -51,7 +59,8 @@ def build_detector(name: str, params: Mapping[str, Any] | None = None, classes: 
                 f"{name} ({cls.kind.label}) needs the ID class names: give classes (--classes), or ID images "
                 "in class sub-folders"
             )
-    return create(name, **params)
+    check_params(cls, params)
+    return params
 
 
 def fit_problems(detector: Detector, *, features: bool, labels: bool, text_encoder: bool,

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from oodscope.backbones.base import Features, is_vision_language
-from oodscope.detectors import DetectorError
-from oodscope.detectors.fitting import build_detector, fit_detector, fit_problems
+from oodscope.detectors import DetectorError, create
+from oodscope.detectors.fitting import fit_detector, fit_problems, planned_params
 from oodscope.evaluation.bench_accuracy import accuracy, id_predictor, labels_are_logit_classes, own_predictions
 from oodscope.evaluation.bench_config import BenchConfig
 from oodscope.evaluation.metrics import ood_metrics
@@ -154,9 +154,14 @@ def _plan_detectors(ctx: RunContext, entry: BackboneEntry, names: list[str], fea
     planned = []
     for name in names:
         try:
-            detector = build_detector(name, ctx.cfg.detector_params.get(name, {}), ctx.classes)
+            params = planned_params(name, ctx.cfg.detector_params.get(name, {}), ctx.classes)
         except DetectorError as err:
-            fail(name, "plan" if "class names" in str(err) or "parameter" in str(err) else "create", str(err))
+            fail(name, "plan", str(err))
+            continue
+        try:
+            detector = create(name, **params)
+        except Exception as err:  # noqa: BLE001 - a constructor's value check; recorded, the run goes on
+            fail(name, "create", _reason(err))
             continue
         lacking = [r for r in detector.fields() if r != "model" and r not in provided]
         if lacking:

@@ -62,6 +62,8 @@ class Features:
       - ``patches`` (N, P, D): local features (patch tokens projected into the joint space for
         CLIP, spatial cells of the last feature map for CNNs); only when asked for.
       - ``layers``: name -> (N, D_l) pooled intermediate activations (multi-layer Mahalanobis).
+      - ``dense``: name -> (N, C_l, h_l, w_l) spatial feature maps (image anomaly detection with
+        pixel maps); float16 or float32; only when asked for.
 
     Per model:
       - ``weight`` (C, D') and ``bias`` (C,): the final linear layer, so logits == penultimate @ W.T + b.
@@ -75,6 +77,7 @@ class Features:
     penultimate: np.ndarray | None = None
     patches: np.ndarray | None = None
     layers: dict[str, np.ndarray] = field(default_factory=dict)
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     logit_scale: float | None = None
@@ -87,18 +90,20 @@ class Features:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"Features.{name} has {len(value)} rows but embedding has {n}")
-        for name, value in self.layers.items():
-            if len(value) != n:
-                raise ValueError(f"Features.layers[{name!r}] has {len(value)} rows but embedding has {n}")
+        for group in ("layers", "dense"):
+            for name, value in getattr(self, group).items():
+                if len(value) != n:
+                    raise ValueError(f"Features.{group}[{name!r}] has {len(value)} rows but embedding has {n}")
 
     def __len__(self) -> int:
         return len(self.embedding)
 
     def available(self) -> set[str]:
         """Names of the fields that hold something (used by detectors to check their needs)."""
-        have = {f.name for f in fields(self) if f.name != "layers" and getattr(self, f.name) is not None}
-        if self.layers:
-            have.add("layers")
+        have = {
+            f.name for f in fields(self) if f.name not in ("layers", "dense") and getattr(self, f.name) is not None
+        }
+        have |= {group for group in ("layers", "dense") if getattr(self, group)}
         return have
 
     def subset(self, index: np.ndarray | slice | list[int]) -> Features:
@@ -110,6 +115,7 @@ class Features:
         return Features(
             **picked,
             layers={k: v[index] for k, v in self.layers.items()},
+            dense={k: v[index] for k, v in self.dense.items()},
             weight=self.weight,
             bias=self.bias,
             logit_scale=self.logit_scale,
@@ -133,9 +139,11 @@ class Features:
             else:
                 stacked[name] = np.concatenate(values, axis=0)
         layers = {k: np.concatenate([p.layers[k] for p in parts], axis=0) for k in first.layers}
+        dense = {k: np.concatenate([p.dense[k] for p in parts], axis=0) for k in first.dense}
         return Features(
             **stacked,
             layers=layers,
+            dense=dense,
             weight=first.weight,
             bias=first.bias,
             logit_scale=first.logit_scale,

@@ -35,6 +35,10 @@ class DetectorKind(str, Enum):
     TEST_TIME = "test_time"
     #: Combines registered detectors; needs what its members need.
     ENSEMBLE = "ensemble"
+    #: Image anomaly detection on dense feature maps (``Features.dense``): an image score and a
+    #: pixel map per image (``score_maps``). Most fit on normal images only (PaDiM, PatchCore);
+    #: zero-shot ones (MuSc, WinCLIP) declare what they need instead through ``fit_needs()``.
+    ANOMALY = "anomaly"
 
     @property
     def label(self) -> str:
@@ -50,6 +54,7 @@ _LABELS = {
     DetectorKind.MODEL: "model-in-the-loop",
     DetectorKind.TEST_TIME: "test-time-adaptive",
     DetectorKind.ENSEMBLE: "ensemble",
+    DetectorKind.ANOMALY: "image anomaly (maps)",
 }
 
 
@@ -101,6 +106,8 @@ def needs_of_kind(kind: DetectorKind, *, needs_fit: bool, needs_labels: bool) ->
         return FitNeeds(text_encoder=True, classes=True, adaptive=True)
     if kind is DetectorKind.ENSEMBLE:  # the instance adds its members' needs
         return FitNeeds(features=True)
+    if kind is DetectorKind.ANOMALY:  # normal images, never labels
+        return FitNeeds(features=needs_fit)
     raise ValueError(f"unknown detector kind {kind!r}")
 
 

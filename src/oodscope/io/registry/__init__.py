@@ -21,7 +21,8 @@ Modules:
   ImageNet-1K splits and benchmarks, read from OpenOOD's data folder, placed by hand),
   :mod:`~oodscope.io.registry.catalog_zero_shot` (the MCM zero-shot CLIP protocol: ImageNet-1K val vs
   MOS iNaturalist / SUN / Places and Textures), :mod:`~oodscope.io.registry.catalog_anomaly` (MVTec AD,
-  VisA).
+  VisA), :mod:`~oodscope.io.registry.catalog_clipart` (Open Clip Art drawings, offline from Debian's
+  openclipart-png, and the ``openclipart`` zero-shot benchmark).
 
 Where the data live: ``root`` if given, else ``$OODSCOPE_DATA/<entry folder>``, else
 ``~/.cache/oodscope/data/<entry folder>``.
@@ -29,7 +30,13 @@ Where the data live: ``root`` if given, else ``$OODSCOPE_DATA/<entry folder>``, 
 
 from __future__ import annotations
 
-from oodscope.io.registry import catalog_anomaly, catalog_offline, catalog_openood, catalog_zero_shot  # noqa: F401
+from oodscope.io.registry import (  # noqa: F401
+    catalog_anomaly,
+    catalog_clipart,
+    catalog_offline,
+    catalog_openood,
+    catalog_zero_shot,
+)
 from oodscope.io.registry.catalog_anomaly import MVTEC_CATEGORIES, VISA_CATEGORIES
 from oodscope.io.registry.catalog_openood import OPENOOD_SPLITS
 from oodscope.io.registry.download import (

@@ -7,6 +7,12 @@ Create one from a string with :func:`create`:
 - ``conse:effnet-lite0`` — the packaged offline zero-shot vision-language backbone (ConSE);
 - ``hf:openai/clip-vit-base-patch16`` or ``hf:/path/to/model`` — CLIP / SigLIP via transformers.
 
+Options may follow the spec after ``?`` (``&`` between them): ``dense`` asks for dense feature maps
+(``effnet-lite0@96?dense`` = the default layers, ``effnet-lite0?dense=stage3,stage5``,
+``hf:...?dense=value_path,tokens``, ``conse:effnet-lite0?dense=conse,stage3``; see
+:mod:`oodscope.backbones.dense`), ``resize`` the preprocessing geometry (``stretch``,
+``shorter_center_crop``, ``letterbox``). They win over the same keyword options of :func:`create`.
+
 A user's own PyTorch classifier is wrapped with :class:`TorchClassifier` in Python.
 ``create(spec, runtime="onnxruntime" | "openvino")`` runs the network from an exported graph
 (:mod:`oodscope.backbones.exported`; ``export_dir=`` names one, else it is exported once into the cache).
@@ -29,6 +35,30 @@ from oodscope.backbones.base import (
 )
 
 _EFFNET = re.compile(r"^effnet-lite([0-4])(?:@(\d+))?$")
+#: Options a spec may carry after "?" -> the keyword option of the backbone constructors.
+SPEC_OPTIONS = {"dense": "dense_layers", "resize": "resize"}
+_RESIZE = ("stretch", "shorter_center_crop", "letterbox")
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"effnet-lite0@96?dense=stage3,stage5"`` -> ``("effnet-lite0@96", {"dense_layers": "stage3,stage5"})``.
+
+    ``?dense`` without a value means the backbone's default dense layers (``True``). Unknown options
+    are refused, with the known ones listed."""
+    base, sep, query = spec.strip().partition("?")
+    options: dict = {}
+    if not sep:
+        return base, options
+    for part in filter(None, query.split("&")):
+        key, has_value, value = part.partition("=")
+        key = key.strip()
+        if key not in SPEC_OPTIONS:
+            raise ValueError(f"backbone {spec!r}: unknown option {key!r} after '?'; known: {', '.join(SPEC_OPTIONS)}")
+        if key == "resize" and value not in _RESIZE:
+            raise ValueError(f"backbone {spec!r}: resize must be one of {', '.join(_RESIZE)}, got {value!r}")
+        options[SPEC_OPTIONS[key]] = value.strip() if has_value and value.strip() else True
+    return base, options
+
 
 
 @dataclass(frozen=True)
@@ -43,7 +73,8 @@ class BackboneInfo:
 def create(spec: str, **options) -> Backbone:
     """A backbone from its spec string; ``options`` go to the backbone's constructor, except
     ``runtime`` ("torch", "onnxruntime", "openvino"), ``export_dir`` and ``threads`` (exported graphs)."""
-    spec = spec.strip()
+    spec, spec_options = parse_spec(spec)
+    options = {**options, **spec_options}
     runtime, export_dir, threads = (options.pop(k, None) for k in ("runtime", "export_dir", "threads"))
     if runtime not in (None, "torch") or export_dir is not None:
         from oodscope.backbones.exported import with_runtime
@@ -55,6 +86,15 @@ def create(spec: str, **options) -> Backbone:
 
         conse_keys = {"top_t", "label_template", "patches"}
         conse_options = {k: options.pop(k) for k in list(options) if k in conse_keys}
+        if options.get("dense_layers"):  # "conse" is ConSE's cell-embedding grid, the rest the classifier's
+            options.setdefault("resize", "stretch")  # a grid covers the whole image (also for "conse" alone)
+            dense = options.pop("dense_layers")
+            if dense is True:
+                conse_options["dense_grid"], options["dense_layers"] = True, True
+            else:
+                names = [n.strip() for n in dense.split(",")] if isinstance(dense, str) else list(dense)
+                conse_options["dense_grid"] = "conse" in names
+                options["dense_layers"] = [n for n in names if n and n != "conse"] or None
         device = options.get("device")
         classifier = create(spec[len("conse:"):], **options)
         text_encoder = MiniLMTextEncoder(device=device or classifier.device)
@@ -150,4 +190,5 @@ __all__ = [
     "is_vision_language",
     "l2_normalize",
     "list_backbones",
+    "parse_spec",
 ]

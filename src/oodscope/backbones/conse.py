@@ -12,7 +12,10 @@ the classifier can be matched.
 
 This is the packaged offline default that makes every zero-shot method runnable without a hub.
 With ``patches=True`` each cell of the classifier's last feature map goes through the classifier
-head and the same convex combination, giving local embeddings for GL-MCM-style methods.
+head and the same convex combination, giving local embeddings for GL-MCM-style methods; with
+``dense_grid=True`` the same cell embeddings are also ``Features.dense["conse"]``, a (N, D, g, g)
+grid (stride 32), for anomaly methods that compare local features with texts (WinCLIP offline).
+The classifier's own dense maps (``dense_layers``) are passed through.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class ConSE:
         top_t: int = DEFAULT_TOP_T,
         label_template: str = DEFAULT_LABEL_TEMPLATE,
         patches: bool = False,
+        dense_grid: bool = False,
     ) -> None:
         if top_t < 1:
             raise ValueError("top_t must be >= 1")
@@ -81,6 +85,7 @@ class ConSE:
         self.top_t = top_t
         self.label_template = label_template
         self.want_patches = patches
+        self.dense_grid = dense_grid
         options = []
         if top_t != DEFAULT_TOP_T:
             options.append(f"T={top_t}")
@@ -89,7 +94,7 @@ class ConSE:
         self.id = f"conse:{classifier.id}" + (f"?{'&'.join(options)}" if options else "")
         self.input_spec = classifier.input_spec
         self.device = classifier.device
-        if patches:
+        if patches or dense_grid:
             classifier.want_patches = True
 
     @cached_property
@@ -127,16 +132,23 @@ class ConSE:
             raise ValueError("ConSE needs the classifier's logits")
         embedding = self.convex_combination(torch.from_numpy(np.asarray(base.logits))).numpy()
         patches = None
-        if self.want_patches and base.patches is not None:
+        dense = dict(base.dense)
+        if (self.want_patches or self.dense_grid) and base.patches is not None:
             cells = torch.from_numpy(np.asarray(base.patches))
             cell_logits = cells @ torch.from_numpy(base.weight).T + torch.from_numpy(base.bias)
-            patches = self.convex_combination(cell_logits).numpy()
+            cell_embeddings = self.convex_combination(cell_logits)
+            patches = cell_embeddings.numpy() if self.want_patches else None
+            if self.dense_grid:
+                from oodscope.backbones.dense import to_dense_array, tokens_to_grid
+
+                dense["conse"] = to_dense_array(tokens_to_grid(cell_embeddings))
         return Features(
             embedding=embedding.astype(np.float32),
             logits=base.logits,
             penultimate=base.penultimate,
             patches=patches,
             layers=base.layers,
+            dense=dense,
             weight=base.weight,
             bias=base.bias,
             logit_scale=None,

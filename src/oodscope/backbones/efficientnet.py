@@ -16,11 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodscope.backbones.base import ClassifierParts, Features, InputSpec
+from oodscope.backbones.base import ClassifierParts, Features, InputSpec, ResizePolicy
+from oodscope.backbones.dense import dense_option, to_dense_array
 from oodscope.backbones.imagenet import imagenet_class_names
 
 # Native input resolution of each variant (from the EfficientNet-Lite reference builder).
 RESOLUTION = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
+
+#: The seven MBConv stages of every EfficientNet-Lite variant (Tan & Le, ICML 2019, Table 1 rows 2-8;
+#: the Lite variants keep them and only scale depth and width). Output strides: 2, 4, 8, 16, 16, 32, 32.
+STAGES = tuple(f"stage{k}" for k in range(1, 8))
+#: Default dense layers: the ends of the stride-8 and the stride-16 blocks (Lite0: 40 and 112 channels),
+#: the analogue of PatchCore's WideResNet-50 layer2 (stride 8) + layer3 (stride 16) (Roth et al., CVPR
+#: 2022, Sec. 3.1: mid-level features, neither too generic nor too ImageNet-specific).
+DEFAULT_DENSE = ("stage3", "stage5")
 
 
 def weights_package(variant: int) -> str:
@@ -66,7 +75,11 @@ class EfficientNetLite:
     Features: ``embedding`` = ``penultimate`` = global-average-pooled last feature map (1280-d),
     ``logits`` (1000 ImageNet classes), ``weight``/``bias`` of the final linear layer; with
     ``patches=True`` the last feature map's cells (N, H*W, 1280); with ``layers=True`` the pooled
-    output of every stage (multi-layer Mahalanobis).
+    output of every stage (multi-layer Mahalanobis); with ``dense_layers`` (``True`` = ``stage3`` +
+    ``stage5``, or names among ``stage1`` … ``stage7``) the stages' output maps (N, C, h, w), float16.
+
+    ``resize``: the preprocessing geometry; default ``"stretch"`` when dense maps are asked for (a map
+    then covers the whole image, so it can be resized back onto it), else the ImageNet centre crop.
     """
 
     def __init__(
@@ -78,6 +91,8 @@ class EfficientNetLite:
         device: str | None = None,
         patches: bool = False,
         layers: bool = False,
+        dense_layers: bool | str | tuple[str, ...] | list[str] | None = None,
+        resize: ResizePolicy | None = None,
         half_on_cuda: bool = True,
         fuse_batchnorm: bool = True,
     ) -> None:
@@ -87,7 +102,10 @@ class EfficientNetLite:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         size = image_size or RESOLUTION[variant]
         self.id = f"effnet-lite{variant}" + (f"@{size}" if size != RESOLUTION[variant] else "")
-        self.input_spec = InputSpec(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self.dense_layers = dense_option(dense_layers, DEFAULT_DENSE, STAGES, who=self.id)
+        if resize is None:
+            resize = "stretch" if self.dense_layers else "shorter_center_crop"
+        self.input_spec = InputSpec(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize=resize)
         self.want_patches = patches
         self.want_layers = layers
         self.half_on_cuda = half_on_cuda
@@ -136,14 +154,19 @@ class EfficientNetLite:
         ends.append(len(blocks) - 1)
         return ends
 
-    def _feature_map(self, x: torch.Tensor, layer_out: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _feature_map(self, x: torch.Tensor, layer_out: dict[str, torch.Tensor] | None = None,
+                     dense_out: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         m = self.model
         x = m._swish(m._bn0(m._conv_stem(x)))
         ends = set(self._stage_ends) if layer_out is not None else set()
+        dense_at = {self._stage_ends[int(name[len("stage"):]) - 1]: name for name in self.dense_layers} \
+            if dense_out is not None else {}
         for idx, block in enumerate(m._blocks):
             x = block(x)  # inference: drop-connect is off
             if idx in ends:
                 layer_out[f"block{idx}"] = x.mean(dim=(2, 3))
+            if idx in dense_at:
+                dense_out[dense_at[idx]] = x
         return m._swish(m._bn1(m._conv_head(x)))
 
     # ------------------------------------------------------------------ protocol
@@ -152,9 +175,10 @@ class EfficientNetLite:
         model = self.model
         x = batch.to(self.device).contiguous(memory_format=torch.channels_last)
         layer_out: dict[str, torch.Tensor] | None = {} if self.want_layers else None
+        dense_out: dict[str, torch.Tensor] | None = {} if self.dense_layers else None
         use_half = self.half_on_cuda and x.is_cuda
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_half):
-            fmap = self._feature_map(x, layer_out)
+            fmap = self._feature_map(x, layer_out, dense_out)
             pooled = fmap.mean(dim=(2, 3))
             logits = model._fc(pooled)
         to_np = lambda t: t.float().cpu().numpy()  # noqa: E731
@@ -168,6 +192,7 @@ class EfficientNetLite:
             penultimate=penultimate,
             patches=patches,
             layers={k: to_np(v) for k, v in (layer_out or {}).items()},
+            dense={name: to_dense_array(dense_out[name]) for name in self.dense_layers},
             weight=self.head_weight,
             bias=self.head_bias,
             class_names=imagenet_class_names(),
@@ -184,12 +209,19 @@ class EfficientNetLite:
 
     def classifier_parts(self) -> ClassifierParts:
         """Differentiable pieces for ODIN / GradNorm / RankFeat."""
+        def layers(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = {}
+            self._feature_map(x, out)
+            return out
+
         return ClassifierParts(
             feature_map=self._feature_map,
             pool=lambda fmap: fmap.mean(dim=(2, 3)),
             head=self.model._fc,
             input_spec=self.input_spec,
             device=self.device,
+            network=self.model,  # its forward applies model._dropout (nn.Dropout) before _fc
+            layers=layers if self.want_layers else None,
         )
 
     def forward_logits(self, batch: torch.Tensor) -> torch.Tensor:

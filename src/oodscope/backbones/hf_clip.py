@@ -19,10 +19,19 @@ image patch (without CLS), left unnormalized:
 - ``"tokens"`` (what oodscope computed before): the ordinary last-layer patch tokens after the final layer
   norm and the visual projection (SigLIP: the last hidden state). Recorded in the backbone id
   (``hf:<model>?patches=tokens``) so caches, saved models and reports never mix the two.
+
+``dense_layers`` (image anomaly detection) gives the same local features as (N, D, g, g) grids in
+``Features.dense`` (g = image size / patch size; row-major patch order), float16: ``"value_path"``
+(the default for ``True``: the dense value-path features above, which localise), ``"tokens"`` (the
+ordinary last-layer tokens above), and ``"block<k>"`` (the hidden states after encoder layer k,
+1-based, before any final norm or projection, for methods that read intermediate ViT layers). With
+dense maps the default preprocessing is ``resize="stretch"`` (a map then covers the whole image
+instead of CLIP's centre crop); ``resize=`` chooses another.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from functools import cached_property
@@ -31,13 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodscope.backbones.base import Features, InputSpec
+from oodscope.backbones.base import Features, InputSpec, ResizePolicy
+from oodscope.backbones.dense import dense_option, to_dense_array, tokens_to_grid
 
 # Pixel statistics used by OpenAI CLIP when a model folder has no preprocessor config.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUPPORTED = ("clip", "siglip", "siglip2")
 PATCH_KINDS = ("dense", "tokens")
+#: Default ``dense_layers``: the value-path local features (MaskCLIP / GL-MCM), which localise.
+DEFAULT_DENSE = ("value_path",)
 
 
 def patch_kind(patches: bool | str | None) -> str | None:
@@ -62,6 +74,8 @@ class HFVisionLanguage:
         patches: bool | str = False,
         local_files_only: bool | None = None,
         half_on_cuda: bool = True,
+        dense_layers: bool | str | tuple[str, ...] | list[str] | None = None,
+        resize: ResizePolicy | None = None,
     ) -> None:
         try:
             import transformers  # noqa: F401
@@ -83,7 +97,14 @@ class HFVisionLanguage:
         if self.config.model_type not in SUPPORTED:
             raise ValueError(f"{name_or_path}: model type {self.config.model_type!r} is not one of {SUPPORTED}")
         self.kind = "clip" if self.config.model_type == "clip" else "siglip"
+        depth = int(self.config.vision_config.num_hidden_layers)
+        valid = ("value_path", "tokens", *(f"block{k}" for k in range(1, depth + 1)))
+        self.dense_layers = dense_option(dense_layers, DEFAULT_DENSE, valid, who=self.id)
         self.input_spec = self._input_spec()
+        if resize is None and self.dense_layers:
+            resize = "stretch"
+        if resize is not None and resize != self.input_spec.resize:
+            self.input_spec = dataclasses.replace(self.input_spec, resize=resize, crop_fraction=1.0)
 
     def _input_spec(self) -> InputSpec:
         size = int(self.config.vision_config.image_size)
@@ -138,39 +159,48 @@ class HFVisionLanguage:
         x = batch.to(self.device).contiguous()
         use_half = self.half_on_cuda and x.is_cuda
         dense = self.want_patches and self.patch_kind == "dense"
+        wanted = set(self.dense_layers)
+        need_value = dense or "value_path" in wanted
+        blocks = [int(n[len("block"):]) for n in self.dense_layers if n.startswith("block")]
+        maps: dict[str, torch.Tensor] = {}
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_half):
             vision = self.model.vision_model
             captured: dict[str, torch.Tensor] = {}
             hook = None
-            if dense:  # the input of the last block, for the value path
+            if need_value:  # the input of the last block, for the value path
                 def keep_input(_module, args, kwargs):
                     captured["x"] = args[0] if args else kwargs["hidden_states"]
 
                 hook = vision.encoder.layers[-1].register_forward_pre_hook(keep_input, with_kwargs=True)
             try:
-                out = vision(pixel_values=x)
+                out = vision(pixel_values=x, output_hidden_states=bool(blocks))
             finally:
                 if hook is not None:
                     hook.remove()
+            first = 1 if self.kind == "clip" else 0  # CLIP's CLS token is not a patch
             if self.kind == "clip":
                 embedding = self.model.visual_projection(out.pooler_output)
-                if dense:
-                    local = vision.post_layernorm(value_path(vision.encoder.layers[-1], captured["x"])[:, 1:, :])
-                    patches = self.model.visual_projection(local)
-                elif self.want_patches:
-                    patches = self.model.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:, :]))
-                else:
-                    patches = None
+                project = lambda t: self.model.visual_projection(vision.post_layernorm(t))  # noqa: E731
+                tokens = project(out.last_hidden_state[:, 1:, :]) if self.want_patches or "tokens" in wanted \
+                    else None
             else:  # SigLIP: no CLS token and no projection; tokens are already layer-normed
                 embedding = out.pooler_output
-                if dense:
-                    patches = vision.post_layernorm(value_path(vision.encoder.layers[-1], captured["x"]))
-                else:
-                    patches = out.last_hidden_state if self.want_patches else None
+                project = vision.post_layernorm
+                tokens = out.last_hidden_state
+            values = project(value_path(vision.encoder.layers[-1], captured["x"])[:, first:, :]) if need_value \
+                else None
+            patches = (values if dense else tokens) if self.want_patches else None
+            if "tokens" in wanted:
+                maps["tokens"] = tokens
+            if "value_path" in wanted:
+                maps["value_path"] = values
+            for k in blocks:  # hidden_states[0] is the patch embedding, [k] the output of layer k
+                maps[f"block{k}"] = out.hidden_states[k][:, first:, :]
         embedding = torch.nn.functional.normalize(embedding.float(), dim=-1)
         return Features(
             embedding=embedding.cpu().numpy(),
             patches=None if patches is None else patches.float().cpu().numpy(),
+            dense={name: to_dense_array(tokens_to_grid(maps[name].float())) for name in self.dense_layers},
             logit_scale=self.logit_scale,
             backbone_id=self.id,
         )

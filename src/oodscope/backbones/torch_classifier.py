@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from oodscope.backbones.base import ClassifierParts, Features, InputSpec
+from oodscope.backbones.dense import dense_option, to_dense_array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,7 +38,11 @@ class TorchClassifier:
     Parameters: ``head`` — the final ``nn.Linear`` (name or module); ``feature_map`` — optional
     module producing the last (N, C, H, W) map; ``input_spec`` — how to prepare images (default:
     224 px, ImageNet mean/std); ``class_names``; ``id`` — a name recorded with features and fitted
-    models; ``patches``/``layers`` — also return feature-map cells / the given layers' pooled outputs.
+    models; ``patches``/``layers`` — also return feature-map cells / the given layers' pooled outputs;
+    ``dense_layers`` — names of modules whose (N, C, h, w) outputs are returned as ``Features.dense``
+    (captured with forward hooks, float16; e.g. ``["layer2", "layer3"]`` of a ResNet, PatchCore's
+    choice). The maps cover what ``input_spec`` feeds the network: with its default centre crop a map
+    covers the crop only (pass ``InputSpec(..., resize="stretch")`` for maps of whole images).
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class TorchClassifier:
         device: str | None = None,
         patches: bool = False,
         layers: list[str] | None = None,
+        dense_layers: list[str] | tuple[str, ...] | str | None = None,
     ) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.eval().to(self.device)
@@ -63,6 +69,11 @@ class TorchClassifier:
             raise ValueError("patches=True needs feature_map= (the module producing the last spatial map)")
         self.layer_names = list(layers or [])
         self.layer_modules = {name: _module(self.model, name) for name in self.layer_names}
+        if dense_layers is True:
+            raise ValueError("dense_layers=True: a TorchClassifier has no default dense layers; name the modules "
+                             "(e.g. dense_layers=['layer2', 'layer3'])")
+        self.dense_layers = dense_option(dense_layers, (), who=id)
+        self.dense_modules = {name: _module(self.model, name) for name in self.dense_layers}
         self.input_spec = input_spec or InputSpec(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         self.class_names = class_names
         self.id = id
@@ -85,6 +96,9 @@ class TorchClassifier:
         for name, module in self.layer_modules.items():
             hooks.append(module.register_forward_hook(
                 lambda m, i, o, name=name: captured.__setitem__(f"layer:{name}", o)))
+        for name, module in self.dense_modules.items():
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o, name=name: captured.__setitem__(f"dense:{name}", o)))
         try:
             logits = self.model(x)
         finally:
@@ -107,6 +121,13 @@ class TorchClassifier:
         for name in self.layer_names:
             value = captured[f"layer:{name}"]
             layers[name] = (value.mean(dim=(2, 3)) if value.ndim == 4 else value.flatten(1)).float().cpu().numpy()
+        dense = {}
+        for name in self.dense_layers:
+            value = captured[f"dense:{name}"]
+            if not torch.is_tensor(value) or value.ndim != 4:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise ValueError(f"dense layer {name!r} gives {shape}, not a (N, C, h, w) feature map")
+            dense[name] = to_dense_array(value)
         pen = penultimate.cpu().numpy()
         return Features(
             embedding=pen,
@@ -114,6 +135,7 @@ class TorchClassifier:
             penultimate=pen,
             patches=patches,
             layers=layers,
+            dense=dense,
             weight=self.head.weight.detach().float().cpu().numpy(),
             bias=(self.head.bias.detach().float().cpu().numpy() if self.head.bias is not None
                   else np.zeros(self.head.out_features, dtype=np.float32)),
@@ -134,5 +156,13 @@ class TorchClassifier:
 
             def pool(fmap: torch.Tensor) -> torch.Tensor:
                 return fmap
+
+        def layers(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            # pooled as encode_images pools Features.layers, but differentiable
+            captured = self._run(x)[1]
+            return {name: (v.mean(dim=(2, 3)) if v.ndim == 4 else v.flatten(1))
+                    for name in self.layer_names for v in [captured[f"layer:{name}"]]}
+
         return ClassifierParts(feature_map=feature_map, pool=pool, head=self.head,
-                               input_spec=self.input_spec, device=self.device)
+                               input_spec=self.input_spec, device=self.device, network=self.model,
+                               layers=layers if self.layer_names else None)

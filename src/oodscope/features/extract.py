@@ -6,6 +6,11 @@ it is reported (index, id, reason) and every other image is processed. With a ``
 features go to a :class:`~oodscope.features.store.FeatureStore` chunk by chunk (memory stays flat
 in the number of images) and a re-run — or a run resumed after an interruption — only pays for
 reading and hashing the images already done.
+
+Dense feature maps (``Features.dense``, for image anomaly detection) are float16 from the backbone
+on (:mod:`oodscope.backbones.dense`), so cached and freshly computed features are identical; chunks
+are cut by size as well as by count (``chunk_bytes``), so a run with dense maps holds at most one
+chunk of them in memory whatever the number of images.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from oodscope.backbones.base import Features, derived_from
+from oodscope.backbones.base import PER_IMAGE_FIELDS, Features, derived_from
+from oodscope.backbones.dense import DENSE_DTYPE
 from oodscope.backbones.preprocess import normalize_batch, prepare_pixels
 from oodscope.features.store import HASH_BYTES, FeatureStore
 from oodscope.io.images import ImageLoadError
@@ -77,8 +83,14 @@ class ExtractionResult:
             self._derived = self._apply(self.network_features)
         return self._derived
 
-    def iter_features(self, batch_size: int = 4096) -> Iterator[tuple[np.ndarray, Features]]:
-        """Stream (dataset indices, Features) in batches without loading everything."""
+    def iter_features(self, batch_size: int | None = None) -> Iterator[tuple[np.ndarray, Features]]:
+        """Stream (dataset indices, Features) in batches without loading everything.
+
+        ``batch_size`` None: 4096 rows, fewer when a row is large (dense maps) so that a batch holds
+        about :data:`BATCH_BYTES`."""
+        if batch_size is None:
+            per_row = self.store.row_bytes() if self.store is not None and self._features is None else 0
+            batch_size = max(1, min(4096, BATCH_BYTES // per_row)) if per_row else 4096
         for start in range(0, len(self.hashes), batch_size):
             stop = start + batch_size
             if self._derived is not None:
@@ -101,13 +113,18 @@ class ExtractionResult:
         return out
 
 
+#: Target size of one streamed batch of :meth:`ExtractionResult.iter_features` and of one cache chunk.
+BATCH_BYTES = 64 * 2**20
+
+
 def content_hash(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=HASH_BYTES).digest()
 
 
 def backbone_config(backbone) -> dict:
-    """Everything that changes a backbone's output for the same image bytes (the cache key)."""
-    return {
+    """Everything that changes a backbone's output for the same image bytes (the cache key): the
+    resolution and geometry are in ``preprocessing``, dense layers (when asked for) in ``dense``."""
+    config = {
         "backbone_id": backbone.id,
         "weights": backbone.weights_fingerprint(),
         "preprocessing": backbone.input_spec.key(),
@@ -116,12 +133,23 @@ def backbone_config(backbone) -> dict:
         else False,
         "layers": bool(getattr(backbone, "want_layers", False)),
     }
+    dense = list(getattr(backbone, "dense_layers", None) or ())
+    if dense:  # only then, so that the stores of backbones without dense maps keep their keys
+        config["dense"] = dense
+    return config
 
 
 def store_dir(cache_dir: str | os.PathLike, config: dict) -> Path:
     key = hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:16]
     safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in config["backbone_id"])
     return Path(cache_dir) / f"{safe_id}-{key}"
+
+
+def _nbytes(features: Features) -> int:
+    """Bytes of a batch's per-image arrays."""
+    arrays = [getattr(features, n) for n in PER_IMAGE_FIELDS]
+    arrays += list(features.layers.values()) + list(features.dense.values())
+    return sum(a.nbytes for a in arrays if a is not None)
 
 
 class _Prepared(Dataset):
@@ -161,6 +189,7 @@ def extract(
     num_workers: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     chunk_size: int = 2048,
+    chunk_bytes: int = BATCH_BYTES,
     progress: bool = True,
     keep_in_memory: bool = True,
     description: str = "extract",
@@ -171,7 +200,8 @@ def extract(
     cache is the network's and serves every backbone derived from it. ``cache_dir``: where feature
     stores live (one sub-folder per backbone configuration).
     ``keep_in_memory=False`` (needs ``cache_dir``) keeps memory flat: read results back with
-    :meth:`ExtractionResult.iter_features`.
+    :meth:`ExtractionResult.iter_features`. A chunk is written every ``chunk_size`` images or
+    ``chunk_bytes`` bytes of features, whichever comes first.
     """
     from tqdm.auto import tqdm
 
@@ -196,15 +226,18 @@ def extract(
     failures: list[LoadFailure] = []
     pending_hashes: list[bytes] = []
     pending: list[Features] = []
+    pending_bytes = 0
     in_memory: list[Features] = []
     memory_rows: dict[bytes, tuple[int, int]] = {}
     n_computed = n_cached = 0
 
     def flush() -> None:
+        nonlocal pending_bytes
         if store is not None and pending:
             store.append(list(pending_hashes), Features.concatenate(pending))
             pending.clear()
             pending_hashes.clear()
+            pending_bytes = 0
 
     bar = tqdm(total=len(source), unit="img", desc=description, disable=not progress, dynamic_ncols=True)
     try:
@@ -213,6 +246,8 @@ def extract(
             if pixels is not None:
                 batch = normalize_batch(pixels, backbone.input_spec, backbone.device)
                 computed = backbone.encode_images(batch)
+                if any(v.dtype != DENSE_DTYPE for v in computed.dense.values()):  # as the cache stores them
+                    computed.dense = {k: np.asarray(v, dtype=DENSE_DTYPE) for k, v in computed.dense.items()}
             row = 0
             new_hashes = []
             for index, digest, px, error in items:
@@ -233,7 +268,8 @@ def extract(
                 if store is not None:
                     pending.append(computed)
                     pending_hashes.extend(new_hashes)
-                    if len(pending_hashes) >= chunk_size:
+                    pending_bytes += _nbytes(computed)
+                    if len(pending_hashes) >= chunk_size or pending_bytes >= chunk_bytes:
                         flush()
                 else:
                     in_memory.append(computed)

@@ -6,6 +6,10 @@ Layout of a store directory (one per backbone configuration)::
     model.safetensors        per-model arrays (last-layer weight/bias) — written once
     chunks/chunk-<time>-<pid>-<random>.safetensors   per-image arrays + their content hashes
 
+Per-image arrays are stored under their field name; pooled layers as ``layers.<name>`` and dense
+feature maps (``Features.dense``) as ``dense.<name>``, always float16 (N, C, h, w): a dense map is
+the bulk of a chunk, and float16 halves it (anomaly detectors compute in float32).
+
 Every file is written to a temporary name and renamed into place, so a crash (even ``kill -9``)
 leaves only complete chunks behind. The set of chunk files *is* the index: on start-up the store
 reads every chunk's hashes, so work done before an interruption is found again. Chunk names are
@@ -29,6 +33,7 @@ from oodscope.backbones.base import PER_IMAGE_FIELDS, Features
 
 HASH_BYTES = 16
 _LAYER_PREFIX = "layers."
+_DENSE_PREFIX = "dense."
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -44,6 +49,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_SAFETENSORS_DTYPES = {"F16": "f2", "BF16": "f2", "F32": "f4", "F64": "f8", "U8": "u1", "I8": "i1", "I16": "i2",
+                       "I32": "i4", "I64": "i8", "BOOL": "u1"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,8 @@ class FeatureStore:
                 arrays[name] = np.ascontiguousarray(value)
         for name, value in features.layers.items():
             arrays[_LAYER_PREFIX + name] = np.ascontiguousarray(value)
+        for name, value in features.dense.items():
+            arrays[_DENSE_PREFIX + name] = np.ascontiguousarray(value, dtype=np.float16)
         path = self._new_chunk_path()
         atomic_write_bytes(path, save(arrays))
         number = len(self._chunks)
@@ -149,6 +160,22 @@ class FeatureStore:
         out.update({k: json.loads(v) for k, v in meta.items()})
         return out
 
+    def row_bytes(self) -> int:
+        """Bytes of one stored image's arrays (from the first chunk's header; 0 for an empty store)."""
+        from safetensors import safe_open
+
+        if not self._chunks:
+            return 0
+        with safe_open(str(self._chunks[0]), framework="numpy") as fh:
+            total = 0
+            for name in fh.keys():
+                part = fh.get_slice(name)
+                shape = part.get_shape()
+                rows = shape[0] if shape else 1
+                total += int(np.prod(shape)) * np.dtype(_SAFETENSORS_DTYPES.get(part.get_dtype(), "f4")).itemsize \
+                    // max(rows, 1)
+        return total
+
     def gather(self, hashes: list[bytes]) -> Features:
         """Features for these content hashes, in this order (each must be in the store)."""
         from safetensors import safe_open
@@ -178,6 +205,7 @@ class FeatureStore:
             penultimate=columns.get("penultimate"),
             patches=columns.get("patches"),
             layers={k[len(_LAYER_PREFIX):]: v for k, v in columns.items() if k.startswith(_LAYER_PREFIX)},
+            dense={k[len(_DENSE_PREFIX):]: v for k, v in columns.items() if k.startswith(_DENSE_PREFIX)},
             weight=model.get("weight"),
             bias=model.get("bias"),
             logit_scale=model.get("logit_scale"),

@@ -161,6 +161,9 @@ def data() -> Data:
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(net(x), target).backward()
         optimizer.step()
+    # After training, so every feature is unchanged (dropout is the identity in eval mode): mc_dropout
+    # needs a network with dropout to sample.
+    net.body.append(torch.nn.Dropout(0.25))
     backbone = TorchClassifier(net, "fc", feature_map="body", input_spec=spec, id="contract-digits-cnn",
                                class_names=ID_CLASSES, device="cpu", patches=True, layers=["body.1", "body.3"])
     fit_features = backbone.encode_images(_preprocess(images[fit_rows], spec))

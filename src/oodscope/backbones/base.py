@@ -160,6 +160,11 @@ class ClassifierParts:
     the penultimate vector (N, D) for models without one; ``pool(map)`` turns that into the
     penultimate vector (N, D); ``head`` is the final linear layer. So
     ``logits == head(pool(feature_map(x)))``.
+
+    Optional (None when a backbone cannot give them): ``network``, the whole ``nn.Module`` mapping
+    normalized images to logits as the model itself runs it, dropout included (MC Dropout);
+    ``layers(x)``, name -> (N, D_l) pooled intermediate activations, differentiable and the same as
+    the backbone's ``Features.layers`` (Mahalanobis ensemble with input pre-processing).
     """
 
     feature_map: object  # Callable[[torch.Tensor], torch.Tensor]
@@ -167,6 +172,8 @@ class ClassifierParts:
     head: object  # torch.nn.Linear
     input_spec: InputSpec
     device: str = "cpu"
+    network: object = None  # torch.nn.Module | None
+    layers: object = None  # Callable[[torch.Tensor], dict[str, torch.Tensor]] | None
 
 
 @runtime_checkable

@@ -6,7 +6,9 @@ with ``fit_detector`` on small real features, and checked for: finite float64 sc
 identical scores after save -> load, parameters untouched by ``fit``, unknown parameters refused at
 creation with the valid ones listed, a declared kind and a cited source, ``fit_needs()`` agreeing with
 what ``fit`` really needs, and scores that follow the rows (batch order and batch composition do not
-matter) for every kind but the test-time-adaptive one.
+matter) for every kind but the test-time-adaptive one. Image anomaly detectors (kind ``anomaly``) are
+also checked for their maps: fitted on the dense maps of normal images, ``score_maps`` gives the same
+scores as ``score`` and finite float32 maps (N, h, w), identical after save -> load, that follow the rows.
 
 The features are real: scikit-learn's handwritten digits (8x8 scans, shipped with scikit-learn)
 through a small CNN (``tiny_models.TinyCNN``) trained here for a few seconds on digits 0-4 and wrapped
@@ -165,7 +167,8 @@ def data() -> Data:
     # needs a network with dropout to sample.
     net.body.append(torch.nn.Dropout(0.25))
     backbone = TorchClassifier(net, "fc", feature_map="body", input_spec=spec, id="contract-digits-cnn",
-                               class_names=ID_CLASSES, device="cpu", patches=True, layers=["body.1", "body.3"])
+                               class_names=ID_CLASSES, device="cpu", patches=True, layers=["body.1", "body.3"],
+                               dense_layers=["body.1", "body.3"])  # (16, 8, 8) and (16, 4, 4) maps
     fit_features = backbone.encode_images(_preprocess(images[fit_rows], spec))
     test_images = _preprocess(images[test_rows], spec)
     test_features = backbone.encode_images(test_images)
@@ -385,3 +388,66 @@ def test_scores_do_not_depend_on_the_rest_of_the_batch(name: str, data: Data, fi
     halves = np.concatenate([scores_of(det, data, rows[:7]), scores_of(det, data, rows[7:])])
     _close(halves, base, f"{name}: scored in two batches")
     _close(scores_of(det, data, rows[3:4]), base[3:4], f"{name}: one image alone")
+
+
+# --------------------------------------------------------------------------- 9. image anomaly detectors
+ANOMALY_NAMES = [name for name in NAMES if registered()[name].kind is DetectorKind.ANOMALY]
+
+
+def anomaly_cases(check: str) -> list:
+    return [case for case in cases(check) if (case.values[0] if hasattr(case, "values") else case) in ANOMALY_NAMES]
+
+
+def maps_of(det: Detector, data: Data, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.arange(len(data.test)) if rows is None else rows
+    if det.fit_needs().adaptive:
+        det.reset()
+    return det.score_maps(data.test.subset(rows))
+
+
+@pytest.mark.parametrize("name", anomaly_cases("maps"))
+def test_anomaly_maps_are_finite_and_agree_with_the_scores(name: str, data: Data, fitted) -> None:
+    from oodscope.detectors._anomaly import AnomalyDetector, upsample_maps
+
+    det = fitted(name).detector
+    assert isinstance(det, AnomalyDetector), f"{name}: an anomaly detector subclasses AnomalyDetector"
+    assert not det.fit_needs().labels, f"{name}: anomaly detectors fit on normal images, never on labels"
+    assert "dense" in det.fields(), f"{name}: reads {det.fields()}, not the dense maps"
+    scores, maps = maps_of(det, data)
+    n = len(data.test)
+    assert scores.shape == (n,) and scores.dtype == np.float64, f"{name}: scores {scores.shape} {scores.dtype}"
+    assert maps.ndim == 3 and len(maps) == n and maps.dtype == np.float32, f"{name}: maps {maps.shape} {maps.dtype}"
+    assert min(maps.shape[1:]) >= 1
+    assert np.isfinite(maps).all(), f"{name}: non-finite map values"
+    _close(scores, fresh_scores(det, data), f"{name}: score_maps scores vs score()")
+    # not a contract of the detector but of this suite: maps that are one constant say nothing
+    assert np.ptp(maps) > 0, f"{name}: every map cell of every image is the same"
+    big = upsample_maps(maps, (16, 16))
+    assert big.shape == (n, 16, 16) and np.isfinite(big).all()
+
+
+@pytest.mark.parametrize("name", anomaly_cases("maps_save_load"))
+def test_anomaly_save_load_gives_identical_maps(name: str, data: Data, fitted, tmp_path) -> None:
+    det = fitted(name).detector
+    det.save(tmp_path / name)
+    again = load(tmp_path / name)
+    s1, m1 = maps_of(det, data)
+    s2, m2 = maps_of(again, data)
+    np.testing.assert_array_equal(s2, s1)
+    np.testing.assert_array_equal(m2, m1)
+
+
+@pytest.mark.parametrize("name", anomaly_cases("maps_rows"))
+def test_anomaly_maps_follow_the_rows(name: str, data: Data, fitted) -> None:
+    det = fitted(name).detector
+    if reason := _row_dependent(name, det):
+        pytest.skip(reason)
+    scores, maps = maps_of(det, data)
+    perm = np.random.default_rng(2).permutation(len(data.test))
+    p_scores, p_maps = maps_of(det, data, perm)
+    _close(p_scores, scores[perm], f"{name}: permuted rows (scores)")
+    _close(p_maps, maps[perm], f"{name}: permuted rows (maps)")
+    rows = np.arange(len(data.test))
+    halves = [maps_of(det, data, rows[:7])[1], maps_of(det, data, rows[7:])[1]]
+    _close(np.concatenate(halves), maps, f"{name}: maps scored in two batches")
+    _close(maps_of(det, data, rows[3:4])[1], maps[3:4], f"{name}: the map of one image alone")

@@ -68,6 +68,10 @@ FIT_OPTIONS = {
     "neglabel": lambda data: {"lexicon": data.lexicon},
     "adaneg": lambda data: {"lexicon": data.lexicon},
     "clipn": lambda data: {"no_text_encoder": data.no_encoder},
+    # Model-in-the-loop detectors fitted through the network on the ID fit images.
+    "adascale_a": lambda data: {"parts": data.parts, "images": data.fit_images},
+    "adascale_l": lambda data: {"parts": data.parts, "images": data.fit_images},
+    "nac_ue": lambda data: {"parts": data.parts, "images": data.fit_images},
 }
 
 #: Detectors whose scores legitimately depend on the other rows of the batch (test-time-adaptive kinds
@@ -130,6 +134,7 @@ class Data:
     encoder: PrototypeEncoder
     no_encoder: PrototypeEncoder
     lexicon: Lexicon
+    fit_images: torch.Tensor  # the fit rows' normalized images (detectors fitted through the network)
 
 
 def _preprocess(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
@@ -190,6 +195,7 @@ def data() -> Data:
         encoder=PrototypeEncoder(prototypes),
         no_encoder=PrototypeEncoder(others),
         lexicon=Lexicon(NEGATIVE_WORDS, ("noun",) * 10 + ("adj",) * 3),
+        fit_images=_preprocess(images[fit_rows], spec),
     )
 
 

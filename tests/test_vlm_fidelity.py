@@ -184,23 +184,23 @@ def _official_glmcm_scores(global_f, local_f, text_f, lambda_local, t=1.0):
     return -np.max(smax_global, axis=1) + lambda_local * -np.max(smax_local, axis=(1, 2))
 
 
-@pytest.mark.parametrize("preset,lam", [("imagenet", 0.5), ("coco", 1.0), ("voc", 1.0)])
-def test_glmcm_presets_match_the_official_scripts(preset: str, lam: float) -> None:
+# ImageNet: eval_imagenet.sh --lambda_local 0.5 (the default and the paper-imagenet preset); COCO / VOC: 1.0.
+@pytest.mark.parametrize("params,lam", [({}, 0.5), ({"preset": "paper-imagenet"}, 0.5), ({"local_weight": 1.0}, 1.0)])
+def test_glmcm_lambda_matches_the_official_scripts(params: dict, lam: float) -> None:
     from oodscope.backbones.base import Features
     from oodscope.detectors import create
 
     rng = np.random.default_rng(1)
     classes = ["cat", "dog", "car"]
     enc = _FixedTexts(8)
-    kwargs = {} if preset == "imagenet" else {"preset": preset}
-    det = create("glmcm", classes=classes, **kwargs).fit(text_encoder=enc)
+    det = create("glmcm", classes=classes, **params).fit(text_encoder=enc)
     assert enc.seen == [f"a photo of a {c}" for c in classes]  # the official prompt, no full stop
-    assert det.lambda_ == lam and det.get_params()["local_weight"] is None
+    assert det.lambda_ == lam and det.get_params()["local_weight"] == lam
     emb, patches = rng.standard_normal((5, 8)), rng.standard_normal((5, 7, 8))
     ours = det.score(Features(embedding=emb, patches=patches))
     text = enc.encode_texts([f"a photo of a {c}" for c in classes]).astype(np.float64)
     np.testing.assert_allclose(ours, _official_glmcm_scores(emb, patches, text, lam), rtol=0, atol=1e-6)
-    explicit = create("glmcm", classes=classes, local_weight=0.25, preset=preset)
+    explicit = create("glmcm", classes=classes, local_weight=0.25, preset="paper-imagenet")
     assert explicit.lambda_ == 0.25  # an explicit weight wins over the preset
 
 

@@ -69,11 +69,19 @@ class Detector:
         self.state_: dict[str, torch.Tensor] = {}
         self.fit_info_: dict[str, Any] = {}
         self.is_fitted_: bool = False
+        #: The named preset the parameters were resolved from (:func:`create`), None for class defaults.
+        self.preset_: str | None = None
 
     # ----------------------------------------------------------------- parameters
     def get_params(self) -> dict[str, Any]:
         """The constructor's keyword arguments as they were given (JSON-able)."""
         return {name: getattr(self, name) for name in parameters(type(self))}
+
+    @classmethod
+    def upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Parameters saved by an earlier oodscope, in this version's terms (default: unchanged);
+        loading calls it, so a detector or model saved before a parameter was renamed still loads."""
+        return dict(params)
 
     @classmethod
     def inherited_parameters(cls) -> dict[str, Any]:
@@ -276,14 +284,23 @@ def register(cls: type[Detector]) -> type[Detector]:
     return cls
 
 
-def create(name: str, **params: Any) -> Detector:
-    """A new detector by registry name, e.g. ``create("vim", dim=512)``."""
+def create(name: str, preset: str | None = None, **params: Any) -> Detector:
+    """A new detector by registry name, e.g. ``create("vim", dim=512)``.
+
+    ``preset``: a named protocol of :mod:`oodscope.detectors.presets` (``"paper-imagenet"``,
+    ``"paper-cifar"``, ``"openood-v1.5"``) whose values for ``name`` are used; ``params`` given
+    explicitly override them. The name is kept on the detector (``preset_``) and saved with it."""
+    from oodscope.detectors.presets import resolve_params  # lazy: presets imports this module
+
     try:
         cls = _REGISTRY[name]
     except KeyError:
         raise DetectorError(f"unknown detector {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+    params = resolve_params(name, preset, params)
     check_params(cls, params)
-    return cls(**params)
+    detector = cls(**params)
+    detector.preset_ = preset
+    return detector
 
 
 def parameters(cls: type[Detector]) -> dict[str, Any]:

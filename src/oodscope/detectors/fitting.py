@@ -35,22 +35,26 @@ def class_needs(name_or_cls: str | type[Detector]) -> FitNeeds:
 
 
 def build_detector(name: str, params: Mapping[str, Any] | None = None, classes: Sequence[str] | None = None,
-                   *, override_classes: bool = False) -> Detector:
-    """``create(name, **params)``, with ``classes`` filled in for kinds built from class names.
+                   *, override_classes: bool = False, preset: str | None = None) -> Detector:
+    """``create(name, preset=preset, **params)``, with ``classes`` filled in for kinds built from class names.
 
     ``classes`` fills the ``classes`` parameter when it is not in ``params`` (or always, with
     ``override_classes``). A kind that needs class names and gets none is refused with a message
-    that says how to give them.
+    that says how to give them. ``preset``: see :mod:`oodscope.detectors.presets` (``params`` win).
     """
-    return create(name, **planned_params(name, params, classes, override_classes=override_classes))
+    planned = planned_params(name, params, classes, override_classes=override_classes, preset=preset)
+    return create(name, preset=preset, **planned)
 
 
 def planned_params(name: str, params: Mapping[str, Any] | None = None, classes: Sequence[str] | None = None,
-                   *, override_classes: bool = False) -> dict[str, Any]:
-    """The parameters :func:`build_detector` creates ``name`` with, checked (unknown or missing ones, missing
-    class names) without creating it; the constructor's own value checks come at creation."""
+                   *, override_classes: bool = False, preset: str | None = None) -> dict[str, Any]:
+    """The parameters :func:`build_detector` creates ``name`` with (``preset``'s values, then ``params``),
+    checked (an unknown preset, unknown or missing parameters, missing class names) without creating it;
+    the constructor's own value checks come at creation."""
+    from oodscope.detectors.presets import resolve_params
+
     cls = _class(name)
-    params = dict(params or {})
+    params = resolve_params(name, preset, dict(params or {}))
     if class_needs(cls).classes:
         if classes is not None and (override_classes or not params.get("classes")):
             params["classes"] = list(classes)

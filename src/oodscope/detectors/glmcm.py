@@ -13,10 +13,12 @@ patch tokens (``patches="tokens"``) are not what the paper scores.
 
 Defaults (official code, AtsuMiyai/GL-MCM):
 
-- lambda by ``preset`` (the protocol of the official scripts): ``"imagenet"`` (default) -> 0.5
-  (``scripts/eval_imagenet.sh``: ``--lambda_local 0.5``); ``"coco"`` and ``"voc"`` -> 1.0
-  (``eval_ood_detection.py``'s default ``--lambda_local 1.0``, which ``scripts/eval_coco_single.sh``,
-  ``eval_coco_multi.sh`` and ``eval_voc_single.sh`` keep). An explicit ``local_weight`` wins.
+- ``local_weight`` (lambda) = 0.5, the ImageNet protocol (``scripts/eval_imagenet.sh``:
+  ``--lambda_local 0.5``; also the ``"paper-imagenet"`` preset, :mod:`oodscope.detectors.presets`).
+  For COCO and VOC the official value is 1.0 (``eval_ood_detection.py``'s default
+  ``--lambda_local 1.0``, which ``scripts/eval_coco_single.sh``, ``eval_coco_multi.sh`` and
+  ``eval_voc_single.sh`` keep): pass ``local_weight=1.0``. (The ``preset="imagenet"|"coco"|"voc"``
+  parameter of earlier versions is read when an old saved detector is loaded.)
 - T = T' = 1 (``utils/detection_util.py`` applies its single ``--T`` to both softmaxes);
 - one prompt per class, ``"a photo of a {}"`` without a full stop (``utils/detection_util.py``).
 """
@@ -31,8 +33,8 @@ import torch
 from oodscope.detectors._zeroshot import PromptDetector, max_softmax
 from oodscope.detectors.base import DetectorError, register
 
-#: preset -> lambda (weight of the local score), from the official scripts (see the module docstring).
-LOCAL_WEIGHT_PRESETS: dict[str, float] = {"imagenet": 0.5, "coco": 1.0, "voc": 1.0}
+#: The former ``preset`` parameter -> lambda, only to load detectors saved with it (see the module docstring).
+_LEGACY_PRESETS: dict[str, float] = {"imagenet": 0.5, "coco": 1.0, "voc": 1.0}
 
 
 @register
@@ -44,29 +46,35 @@ class GLMCM(PromptDetector):
     def __init__(
         self,
         classes: Sequence[str],
-        local_weight: float | None = None,
-        preset: str = "imagenet",
+        local_weight: float = 0.5,
         temperature: float = 1.0,
         local_temperature: float = 1.0,
         **prompt_options: Any,
     ) -> None:
         super().__init__()
         self._set_text_params(classes, **prompt_options)
-        if preset not in LOCAL_WEIGHT_PRESETS:
-            raise DetectorError(f"glmcm: preset must be one of {sorted(LOCAL_WEIGHT_PRESETS)}, got {preset!r}")
         if not (temperature > 0 and local_temperature > 0):
             raise DetectorError("glmcm: temperatures must be > 0")
-        if local_weight is not None and local_weight < 0:
-            raise DetectorError("glmcm: local_weight must be >= 0")
+        if isinstance(local_weight, bool) or not isinstance(local_weight, int | float) or not local_weight >= 0:
+            raise DetectorError(f"glmcm: local_weight must be a number >= 0, got {local_weight!r}")
         self.local_weight = local_weight
-        self.preset = preset
         self.temperature = temperature
         self.local_temperature = local_temperature
 
     @property
     def lambda_(self) -> float:
-        """The weight of the local score in use: ``local_weight``, else the preset's value."""
-        return float(LOCAL_WEIGHT_PRESETS[self.preset] if self.local_weight is None else self.local_weight)
+        """The weight of the local score (``local_weight``)."""
+        return float(self.local_weight)
+
+    @classmethod
+    def upgrade_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Saved before presets were one mechanism: ``preset`` + ``local_weight=None`` -> ``local_weight``."""
+        params = dict(params)
+        if "preset" in params:
+            legacy = params.pop("preset")
+            if params.get("local_weight") is None:
+                params["local_weight"] = _LEGACY_PRESETS.get(legacy, 0.5)
+        return params
 
     def _score(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         patches = inputs["patches"]

@@ -1,7 +1,8 @@
 """Saving and loading detectors: parameters and fit information as JSON, fitted arrays as safetensors.
 
-``detector.json`` holds the format and version, the registry name, the parameters (as given), the
-fit information and the id of the backbone whose features it was fitted on; ``detector.safetensors``
+``detector.json`` holds the format and version, the registry name, the parameters (as given,
+after any preset: see :mod:`oodscope.detectors.presets`), the preset's name, the fit information and
+the id of the backbone whose features it was fitted on; ``detector.safetensors``
 holds ``state_``. Nothing is unpickled: loading re-creates the detector by name from its parameters.
 """
 
@@ -11,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from oodscope.detectors.base import Detector, DetectorError, create
+from oodscope.detectors.base import Detector, DetectorError, create, registered
 
 FORMAT = "oodscope-detector"
 FORMAT_VERSION = 1
@@ -30,6 +31,7 @@ def save_detector(detector: Detector, directory: str | os.PathLike, backbone_id:
         "format_version": FORMAT_VERSION,
         "name": detector.name,
         "params": detector.get_params(),
+        "preset": getattr(detector, "preset_", None),
         "fit_info": detector.fit_info_,
         "is_fitted": detector.is_fitted_,
         "backbone_id": backbone_id,
@@ -61,7 +63,12 @@ def load(directory: str | os.PathLike, expected_backbone_id: str | None = None) 
         raise DetectorError(
             f"{directory}: detector was fitted on backbone {saved_backbone!r}, not {expected_backbone_id!r}"
         )
-    detector = create(config["name"], **config["params"])
+    # The resolved parameters are saved, so the preset is only recorded, not applied again; a file
+    # written before presets existed has no "preset" key.
+    cls = registered().get(config["name"])
+    params = cls.upgrade_params(config["params"]) if cls is not None else config["params"]
+    detector = create(config["name"], **params)
+    detector.preset_ = config.get("preset")
     detector.state_ = load_file(str(directory / STATE_FILE))
     detector.fit_info_ = config.get("fit_info", {})
     detector.is_fitted_ = bool(config.get("is_fitted", False))

@@ -43,6 +43,11 @@ class BenchConfig:
     detector_params: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
         "flag": "--params", "metavar": "JSON", "syntax": "json",
         "help": 'detector parameters by detector name, as JSON: \'{"knn": {"k": 10}}\''})
+    #: A named hyper-parameter preset (:mod:`oodscope.detectors.presets`); ``detector_params`` override it.
+    preset: str | None = field(default=None, metadata={
+        "flag": "--preset", "metavar": "NAME",
+        "help": "named hyper-parameter preset for every detector: paper-imagenet, paper-cifar or openood-v1.5 "
+        "(--params override it; a detector the preset does not list keeps its defaults)"})
     id: Any = field(default=None, metadata={"flag": "--id", "metavar": "DATA", "help": "ID test set"})
     id_fit: Any = field(default=None, metadata={
         "flag": "--id-fit", "metavar": "DATA", "help": "ID set the detectors are fitted on"})
@@ -89,6 +94,18 @@ class BenchConfig:
     report: bool = field(default=True, metadata={
         "flag": "--no-report", "negate": True, "help": "do not write report.html"})
     progress: bool = field(default=True, metadata={"flag": "--quiet", "negate": True, "help": "no progress output"})
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            from oodscope.detectors.presets import check_preset
+
+            check_preset(self.preset)  # an unknown name: a ValueError listing the presets
+
+    def params_for(self, detector: str) -> dict[str, Any]:
+        """``detector``'s parameters in this run: the preset's values, then ``detector_params`` on top."""
+        from oodscope.detectors.presets import resolve_params
+
+        return resolve_params(detector, self.preset, (self.detector_params or {}).get(detector, {}))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BenchConfig:

@@ -154,12 +154,12 @@ def _plan_detectors(ctx: RunContext, entry: BackboneEntry, names: list[str], fea
     planned = []
     for name in names:
         try:
-            params = planned_params(name, ctx.cfg.detector_params.get(name, {}), ctx.classes)
+            params = planned_params(name, ctx.cfg.params_for(name), ctx.classes)  # preset, then --params
         except DetectorError as err:
             fail(name, "plan", str(err))
             continue
         try:
-            detector = create(name, **params)
+            detector = create(name, preset=ctx.cfg.preset, **params)
         except Exception as err:  # noqa: BLE001 - a constructor's value check; recorded, the run goes on
             fail(name, "create", _reason(err))
             continue

@@ -84,6 +84,10 @@ def markdown(payload: Mapping[str, Any]) -> str:
              f"{env['date']} · oodscope {env['oodscope']} · Python {env['python']} · torch {env['torch']} · "
              f"{env['cpu_count']} CPU(s)", "",
              "Cells: AUROC / FPR@95 in % (higher AUROC, lower FPR@95 is better). Scores: higher = more OOD.", ""]
+    preset = (payload.get("config") or {}).get("preset")
+    if preset:  # named hyper-parameters (oodscope.detectors.presets); explicit detector_params override them
+        lines += [f"Hyper-parameter preset: `{preset}` (detector_params on top; a detector it does not list keeps "
+                  "its defaults).", ""]
     sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
     lines += ["Data: " + "; ".join(f"`{k}` = {v['data']} ({v['images']} images"
                                    f"{', ' + v['kind'] if v.get('kind') else ''})"

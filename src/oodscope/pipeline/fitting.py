@@ -22,6 +22,17 @@ SET_METHODS = ("aps", "raps", "lac")
 HEADS = ("auto", "zeroshot", "linear_probe", "logits")
 
 
+def resolved_params(method: str, preset: str | None, method_params: dict[str, Any] | None) -> dict[str, Any]:
+    """``method``'s parameters under ``preset`` (:mod:`oodscope.detectors.presets`), ``method_params`` on top;
+    an unknown preset is an :class:`OODModelError` listing the valid ones."""
+    from oodscope.detectors.presets import resolve_params
+
+    try:
+        return resolve_params(method, preset, method_params)
+    except DetectorError as err:
+        raise OODModelError(str(err)) from None
+
+
 def check_settings(method: str, method_params: dict[str, Any], *, alpha: float, prediction_sets: str | None,
                    set_alpha: float | None, head: str | None, calibration_fraction: float) -> type[Detector]:
     """The detector class of ``method`` once every setting is valid; else an :class:`OODModelError`.
@@ -61,7 +72,8 @@ def fit_class_names(model: OODModel, classes: Any) -> None:
     if model.head == "linear_probe":
         raise OODModelError("a zero-shot model has no labelled fit images for a linear probe")
     try:
-        detector = build_detector(model.method, model.method_params, classes, override_classes=True)
+        detector = build_detector(model.method, model.method_params, classes, override_classes=True,
+                                  preset=model.preset)
         fit_detector(detector, text_encoder=model.backbone)
     except DetectorError as err:
         raise OODModelError(str(err)) from None
@@ -81,7 +93,7 @@ def fit_features(model: OODModel, data: ModelData, names: list[str] | None) -> N
     """A model's detector and head fitted on ID features (``names``: the classes of the labels)."""
     labels = data.labels
     try:
-        detector = build_detector(model.method, model.method_params, names)
+        detector = build_detector(model.method, model.method_params, names, preset=model.preset)
         if detector.fit_needs().labels and (labels is None or (labels < 0).any()):
             raise OODModelError(f"{model.method} needs a class label for every ID fit image (class sub-folders)")
         fit_detector(detector, data.features, labels, text_encoder=model.backbone)

@@ -47,7 +47,7 @@ from oodscope.detectors.fitting import class_needs
 from oodscope.detectors.kinds import DetectorKind
 from oodscope.pipeline import persistence
 from oodscope.pipeline.decisions import calibrate_on, predict_chunk, unmatched_notes
-from oodscope.pipeline.fitting import check_settings, fit_features, fit_zero_shot
+from oodscope.pipeline.fitting import check_settings, fit_features, fit_zero_shot, resolved_params
 from oodscope.pipeline.heads import ClassHead
 from oodscope.pipeline.inputs import (
     ModelData,
@@ -75,6 +75,9 @@ class OODModel:
         method: a registered detector name (``oodscope.detectors.registered()``); ``method_params``
             its keyword arguments, checked here (for zero-shot methods ``classes`` may be given here
             or to ``fit``).
+        preset: a named hyper-parameter preset (``"paper-imagenet"``, ``"paper-cifar"``,
+            ``"openood-v1.5"``: :mod:`oodscope.detectors.presets`) giving the method's parameters;
+            ``method_params`` override it. ``method_params`` holds the resolved parameters; both are saved.
         alpha: the per-image test level: an ID image is flagged OOD with probability <= alpha.
         prediction_sets: ``"aps"`` (default), ``"raps"``, ``"lac"`` or None; ``set_alpha`` their
             miscoverage (default ``alpha``); ``prediction_set_params`` go to
@@ -91,6 +94,7 @@ class OODModel:
         method: str = "mcm",
         method_params: dict[str, Any] | None = None,
         *,
+        preset: str | None = None,
         alpha: float = 0.05,
         prediction_sets: str | None = "aps",
         set_alpha: float | None = None,
@@ -105,10 +109,12 @@ class OODModel:
         num_workers: int | None = None,
         progress: bool = True,
     ) -> None:
-        cls = check_settings(method, method_params or {}, alpha=alpha, prediction_sets=prediction_sets,
+        method_params = resolved_params(method, preset, method_params)
+        cls = check_settings(method, method_params, alpha=alpha, prediction_sets=prediction_sets,
                              set_alpha=set_alpha, head=head, calibration_fraction=calibration_fraction)
         self.method = method
-        self.method_params = dict(method_params or {})
+        self.preset = preset
+        self.method_params = method_params
         self.alpha = float(alpha)
         self.prediction_sets = prediction_sets
         self.set_alpha = float(set_alpha) if set_alpha is not None else self.alpha

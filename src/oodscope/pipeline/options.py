@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from oodscope.detectors.presets import PRESET_NAMES
 from oodscope.pipeline.fitting import HEADS, SET_METHODS
 from oodscope.pipeline.model import DEFAULT_CALIBRATION_FRACTION
 
@@ -88,6 +89,11 @@ def _article(kind: type) -> str:
 
 
 MODEL_OPTIONS: tuple[ModelOption, ...] = (
+    # Checked by OODModel (an unknown name is refused there, with the valid ones listed), not by choices.
+    ModelOption("preset", "--preset", str, None,
+                f"named hyper-parameter preset of the method: {', '.join(PRESET_NAMES)} (default: the method's own "
+                "defaults; --param values override the preset; `oodscope detectors --presets` lists them)",
+                optional=True),
     ModelOption("alpha", "--alpha", float, 0.05,
                 "per-image level: an ID image is flagged OOD with probability <= alpha",
                 low=0.0, high=1.0, open_range=True),

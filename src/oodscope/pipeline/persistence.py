@@ -35,7 +35,7 @@ HEAD_DIR = "head"
 
 #: Constructor settings written to ``model.json`` and read back by :func:`load_model`.
 SETTINGS = ("prediction_sets", "set_alpha", "prediction_set_params", "head", "head_params",
-            "calibration_fraction", "seed")
+            "calibration_fraction", "seed", "preset")
 
 
 def summary(model: OODModel) -> dict[str, Any]:
@@ -54,6 +54,7 @@ def summary(model: OODModel) -> dict[str, Any]:
         "created": model.info_.get("created"),
         "backbone": backbone,
         "method": model.method,
+        "preset": model.preset,  # the method_params below are already resolved from it
         "method_params": detector.get_params() if detector is not None else model.method_params,
         "kind": model.kind.value,
         "zero_shot": model.zero_shot,
@@ -128,6 +129,7 @@ def load_model(cls: type[OODModel], directory: str | os.PathLike, *, backbone: A
     from safetensors.numpy import load_file
 
     from oodscope.detectors import load as load_detector
+    from oodscope.detectors import registered
 
     directory = Path(directory)
     config = read_config(directory)
@@ -141,7 +143,13 @@ def load_model(cls: type[OODModel], directory: str | os.PathLike, *, backbone: A
             )
     settings = {k: v for k, v in config.get("settings", {}).items() if k in SETTINGS}
     device = options.pop("device", None)
-    model = cls(backbone=backbone, method=config["method"], method_params=config["method_params"],
+    # A model.json written before presets has no "preset" setting (None); parameters a later version
+    # renamed are translated by the detector class (upgrade_params).
+    method_params = config["method_params"]
+    detector_cls = registered().get(config["method"])
+    if detector_cls is not None:
+        method_params = detector_cls.upgrade_params(method_params)
+    model = cls(backbone=backbone, method=config["method"], method_params=method_params,
                 alpha=config["alpha"], backbone_options={"device": device} if device else None,
                 **settings, **options)
     if runtime not in (None, "torch"):  # the network runs from export/<runtime>, checked against model.json
@@ -236,6 +244,8 @@ def describe_summary(s: dict[str, Any]) -> str:
         f"method         {s.get('method') or 'unknown'} {json.dumps(params, sort_keys=True)}"
         + (f"  [{_kind_label(kind)}]" if kind else ("  [zero-shot]" if s.get("zero_shot") else "")),
     ]
+    if s.get("preset"):
+        lines.append(f"preset         {s['preset']} (parameters above: its values, explicit ones on top)")
     choices = s.get("fit_choices")
     if choices:
         shown = ", ".join(f"{k} = {_value(v)}" for k, v in choices.items())

@@ -186,6 +186,10 @@ def check_config(cfg, overwrite: bool) -> None:
         if name not in available:
             raise UsageError(f"detector parameters for {name!r}, which is not a registered detector")
         check_detector_params(name, dict(params))
+    if cfg.preset is not None:
+        from oodscope.detectors.presets import check_preset
+
+        check_preset(cfg.preset)  # an unknown name: refused with the presets listed (exit 2)
     if cfg.benchmark:
         from oodscope.io.registry import get_benchmark
 

@@ -5,7 +5,9 @@ zero-shot, ...), what fitting it needs (ID features, labels, class names and a t
 classifier network), the feature fields it reads (``requires``), the paper it cites and its
 parameters with their defaults (the keys ``--param`` / ``detector_params`` take). ``--json`` prints
 the same as a list of objects; ``oodscope detectors NAME`` shows one method in full, with its
-documentation. Exit codes: 0 = listed; 2 = unknown name.
+documentation. Each method also shows the values the named presets give it (``--preset`` of
+``oodscope fit`` / ``bench``, :mod:`oodscope.detectors.presets`); ``oodscope detectors --presets``
+prints the whole preset table with the source of every value. Exit codes: 0 = listed; 2 = unknown name.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def register(sub) -> None:
     parser = sub.add_parser("detectors", help=HELP, description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", default=None, help="one detector, shown in full")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--presets", action="store_true",
+                        help="the named hyper-parameter presets: every value with its source")
     parser.set_defaults(func=run)
 
 
@@ -58,7 +62,41 @@ def describe(cls: type) -> dict[str, Any]:
         "cites": _citation(doc + "\n\n" + _class_doc(cls)),
         "required": required,
         "defaults": defaults,
+        "presets": _presets_of(cls.name),
     }
+
+
+def _presets_of(name: str) -> dict[str, dict[str, Any]]:
+    """Preset name -> the parameter values it gives detector ``name`` (presets that list it only)."""
+    from oodscope.detectors.presets import PRESET_NAMES, preset_params
+
+    return {p: {k: _jsonable(v) for k, v in values.items()}
+            for p in PRESET_NAMES if (values := preset_params(p, name))}
+
+
+def _print_presets(args: argparse.Namespace) -> int:
+    """``--presets``: the table, one line per value with its source."""
+    from oodscope.detectors.presets import GAPS, NOT_SET, PRESETS, preset_rows
+
+    rows = preset_rows()
+    if args.name is not None:
+        rows = [r for r in rows if r["detector"] == args.name]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for name, preset in PRESETS.items():
+        print(f"{name}: {preset.description}")
+        for row in (r for r in rows if r["preset"] == name):
+            print(f"  {row['detector']}.{row['parameter']} = {_shown(row['value'])}   ({row['source']})")
+        for (where, detector), why in NOT_SET.items():
+            if where == name and args.name in (None, detector):
+                print(f"  {detector}: not set, keeps its defaults ({why})")
+        for (where, detector), what in GAPS.items():
+            if where == name and args.name in (None, detector):
+                print(f"  {detector}: not reproduced: {what}")
+    print("\nA detector a preset does not list keeps its defaults; explicit parameters (--param, --params) "
+          "override the preset.")
+    return EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     if args.name is not None:
         if args.name not in detectors:
             raise UsageError(f"unknown detector {args.name!r}; registered: {', '.join(detectors)}")
+    if args.presets:
+        return _print_presets(args)
+    if args.name is not None:
         cls = detectors[args.name]
         info = describe(cls)
         if args.json:
@@ -90,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
             print()
         _print_one(info, sys.stdout)
     print(f"\n{len(infos)} detectors; `oodscope detectors NAME` shows one in full, --param KEY=VALUE sets a parameter")
+    from oodscope.detectors.presets import PRESET_NAMES
+
+    print(f"presets (--preset of fit and bench): {', '.join(PRESET_NAMES)}; `oodscope detectors --presets` shows "
+          "their values and sources")
     return EXIT_OK
 
 
@@ -102,6 +147,9 @@ def _print_one(info: dict[str, Any], out) -> None:
     params = [f"{name} (required)" for name in info["required"]]
     params += [f"{name}={_shown(value)}" for name, value in info["defaults"].items()]
     print(f"  params    {', '.join(params) or 'none'}", file=out)
+    for preset, values in info.get("presets", {}).items():
+        shown = ", ".join(f"{k}={_shown(v)}" for k, v in values.items())
+        print(f"  preset    {preset}: {shown}", file=out)
 
 
 def _module_doc(cls: type) -> str:

@@ -10,7 +10,9 @@ and calibrate on a held-out part of it (``--calibration-fraction``, stratified a
 The model's options (``--alpha``, ``--prediction-sets``, ``--head``, ...) are built from
 :data:`oodscope.pipeline.options.MODEL_OPTIONS`, the definitions of OODModel's settings. Everything
 is checked before any image is read: the method and its parameters (``--param``; an unknown one is
-refused with the method's parameters listed), the backbone (created, and probed with one blank
+refused with the method's parameters listed; ``--preset NAME``, a named protocol of
+:mod:`oodscope.detectors.presets`, gives their values first — an unknown name is refused with the
+valid ones), the backbone (created, and probed with one blank
 image for the features it provides), what the method needs from it (a text encoder, labels, ...),
 the paths, the values and whether there are enough calibration images for ``--alpha``.
 
@@ -124,7 +126,7 @@ def check(args: argparse.Namespace) -> _Plan:
     check_detector_params(args.method, params)
     check_output(args.output, overwrite=args.overwrite, kind="dir", what="the model")
     model = OODModel(
-        args.backbone, args.method, params, alpha=args.alpha, set_alpha=args.set_alpha,
+        args.backbone, args.method, params, preset=args.preset, alpha=args.alpha, set_alpha=args.set_alpha,
         prediction_sets=args.prediction_sets, head=args.head, seed=args.seed,
         backbone_options={"device": args.device} if args.device else None,
         cache_dir=None if args.no_cache else default_cache_dir(),
@@ -168,7 +170,8 @@ def check(args: argparse.Namespace) -> _Plan:
 
     # The method's parameters in full (required ones, class names) and what it needs from the backbone.
     folder_classes = id_data.class_names if id_data is not None else None
-    detector = build_detector(method, params, classes if model.zero_shot else folder_classes)
+    detector = build_detector(method, model.method_params, classes if model.zero_shot else folder_classes,
+                              preset=model.preset)
     backbone = model.backbone  # created here: an unknown spec is refused before any image is read
     labelled = id_data is not None and id_data.labels is not None and bool((id_data.labels >= 0).all())
     problems = fit_problems(detector, features=id_data is not None, labels=labelled,

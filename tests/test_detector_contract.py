@@ -59,6 +59,8 @@ REQUIRED_PARAMS: dict[str, dict[str, Any]] = {
     # Not required, but NegLabel's official recipe keeps 15 % of each part of speech: of the fixture's
     # 13-word lexicon that is one noun, far from every image, whose ID mass saturates to 1. Keep them all.
     "neglabel": {"num_negatives": 1.0},
+    "csp": {"num_negatives": 1.0},  # as NegLabel (same 15 % rule)
+    "negrefine": {"num_negatives": 1.0},
 }
 
 NEGATIVE_WORDS = (*OOD_CLASSES, "car", "tree", "house", "river", "cloud", "rocky", "wooden", "blue")
@@ -67,6 +69,8 @@ NEGATIVE_WORDS = (*OOD_CLASSES, "car", "tree", "house", "river", "cloud", "rocky
 FIT_OPTIONS = {
     "neglabel": lambda data: {"lexicon": data.lexicon},
     "adaneg": lambda data: {"lexicon": data.lexicon},
+    "csp": lambda data: {"lexicon": data.lexicon},
+    "negrefine": lambda data: {"lexicon": data.lexicon},
     "clipn": lambda data: {"no_text_encoder": data.no_encoder},
     # Model-in-the-loop detectors fitted through the network on the ID fit images.
     "adascale_a": lambda data: {"parts": data.parts, "images": data.fit_images},

@@ -19,7 +19,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from sklearn.covariance import LedoitWolf
 
 from oodscope.backbones.base import Features
-from oodscope.detectors import create, load
+from oodscope.detectors import DetectorError, create, load
 from oodscope.detectors._coreset import StreamingGreedyCoreset, sparse_random_projection
 from oodscope.detectors._neighbors import NeighborIndex, faiss_module
 from oodscope.detectors.padim import default_n_features
@@ -360,3 +360,19 @@ def test_save_load_and_anomalies_score_higher(name, tmp_path):
         np.testing.assert_array_equal(m, m2)
         assert s.dtype == np.float64 and m.dtype == np.float32 and np.isfinite(m).all()
     assert det.score(odd).min() > det.score(normal).max()
+
+
+def test_patchcore_reads_float16_maps_without_converting_them_all():
+    f = dense_features(8, 19)
+    half = Features(embedding=f.embedding, dense={k: v.astype(np.float16) for k, v in f.dense.items()})
+    as32 = Features(embedding=f.embedding, dense={k: v.astype(np.float32) for k, v in half.dense.items()})
+    det = create("patchcore", coreset_ratio=0.5)
+    inputs = det._inputs(half)
+    assert all(v.dtype == torch.float16 for v in inputs["dense"].values())  # wrapped, not converted
+    s16, m16 = det.fit(half).score_maps(half)
+    s32, m32 = create("patchcore", coreset_ratio=0.5).fit(as32).score_maps(as32)
+    np.testing.assert_array_equal(s16, s32)
+    np.testing.assert_array_equal(m16, m32)
+    half.dense["b"][3, 0, 0, 0] = np.nan
+    with pytest.raises(DetectorError, match="NaN"):
+        create("patchcore").fit(half)

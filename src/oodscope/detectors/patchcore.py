@@ -36,15 +36,18 @@ layer3, strides 8 and 16; choose the backbone's ``dense_layers`` accordingly).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from oodscope.detectors._anomaly import AnomalyDetector, dense_inputs
+from oodscope.backbones.base import Features
+from oodscope.detectors._anomaly import AnomalyDetector
 from oodscope.detectors._coreset import StreamingGreedyCoreset, sparse_random_projection
 from oodscope.detectors._neighbors import NeighborIndex, check_index_options
-from oodscope.detectors.base import DetectorError, register
+from oodscope.detectors.base import DetectorError, FeatureInput, register
 
 CORESET_MODES = ("stream", "exact")
 
@@ -134,11 +137,37 @@ class PatchCore(AnomalyDetector):
         self._search_bank: Any = None
 
     # ------------------------------------------------------------------ fit
+    def _inputs(self, features: FeatureInput, fields: tuple[str, ...] | None = None) -> dict:
+        """The dense maps as they come (float16 stays float16, arrays are wrapped without a copy).
+
+        The base class would convert every map to float32 up front — twice the caller's float16
+        features, growing with the training set; here each chunk of images is converted (and checked
+        for NaN) when it is used, so fitting holds the bank and one chunk besides the caller's arrays."""
+        dense = features.dense if isinstance(features, Features) else (
+            features.get("dense") if isinstance(features, dict) else None)
+        if not dense or fields not in (None, ("dense",)):
+            return super()._inputs(features, fields)
+        out = {}
+        with warnings.catch_warnings():  # read-only arrays (memory maps): never written to
+            warnings.simplefilter("ignore", UserWarning)
+            for name, v in dense.items():
+                t = v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v))
+                out[name] = t if torch.is_floating_point(t) else t.float()
+        if len({len(v) for v in out.values()}) > 1:
+            raise DetectorError(f"{self.name}: dense layers disagree on the number of images")
+        return {"dense": out}
+
     def _features(self, inputs: dict, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        dense = dense_inputs(inputs, self.fit_info_.get("layers", self.layers), self.name)
-        if stop is not None or start:
-            dense = {k: v[start:stop] for k, v in dense.items()}
-        return locally_aware_features(dense, self.target_dim)
+        dense = inputs["dense"]
+        layers = self.fit_info_.get("layers", self.layers) or sorted(dense)
+        missing = [k for k in layers if k not in dense]
+        if missing:
+            raise DetectorError(f"{self.name}: dense layers {missing} not in the features (they have {sorted(dense)})")
+        chunk = {k: dense[k][start:stop].float() for k in layers}
+        for k, v in chunk.items():
+            if not torch.isfinite(v).all():
+                raise DetectorError(f"{self.name}: dense layer {k!r} contains NaN or infinite values")
+        return locally_aware_features(chunk, self.target_dim)
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
         layers = list(self.layers) if self.layers is not None else sorted(inputs["dense"])

@@ -1,5 +1,6 @@
 """Image and dataset input: robust decoding to RGB, dataset sources, and offline real-data readers."""
 
+from .anomaly import AnomalySource, AnomalySplit, MaskError, anomaly_folder, load_mask, mvtec_category, visa_split
 from .files import FileList, FlatFolder, ImageFolder, open_dataset
 from .images import (
     DEFAULT_MAX_PIXELS,
@@ -33,6 +34,8 @@ __all__ = [
     "FASHION_MNIST_NEAR_OOD_CLASSES",
     "IMAGE_EXTENSIONS",
     "TEXTILE_CLASSES",
+    "AnomalySource",
+    "AnomalySplit",
     "ArrayDataset",
     "Concat",
     "DatasetError",
@@ -42,8 +45,10 @@ __all__ = [
     "ImageFolder",
     "ImageLoadError",
     "ImageSource",
+    "MaskError",
     "Relabel",
     "Subset",
+    "anomaly_folder",
     "decode_image",
     "describe_source",
     "resolve_images",
@@ -51,10 +56,13 @@ __all__ = [
     "fashion_mnist",
     "fashion_mnist_ood",
     "load_image",
+    "load_mask",
+    "mvtec_category",
     "open_dataset",
     "read_image_bytes",
     "sanitize_class_name",
     "textiles",
     "to_rgb",
+    "visa_split",
     "write_image_folder",
 ]

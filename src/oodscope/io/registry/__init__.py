@@ -21,7 +21,8 @@ Modules:
   ImageNet-1K splits and benchmarks, read from OpenOOD's data folder, placed by hand),
   :mod:`~oodscope.io.registry.catalog_zero_shot` (the MCM zero-shot CLIP protocol: ImageNet-1K val vs
   MOS iNaturalist / SUN / Places and Textures), :mod:`~oodscope.io.registry.catalog_anomaly` (MVTec AD,
-  VisA), :mod:`~oodscope.io.registry.catalog_clipart` (Open Clip Art drawings, offline from Debian's
+  VisA, MPDD with masks; the offline ``synthetic-ad`` pixel benchmark and ``textiles-ad``),
+  :mod:`~oodscope.io.registry.catalog_clipart` (Open Clip Art drawings, offline from Debian's
   openclipart-png, and the ``openclipart`` zero-shot benchmark).
 
 Where the data live: ``root`` if given, else ``$OODSCOPE_DATA/<entry folder>``, else
@@ -37,7 +38,12 @@ from oodscope.io.registry import (  # noqa: F401
     catalog_openood,
     catalog_zero_shot,
 )
-from oodscope.io.registry.catalog_anomaly import MVTEC_CATEGORIES, VISA_CATEGORIES
+from oodscope.io.registry.catalog_anomaly import (
+    MPDD_CATEGORIES,
+    MVTEC_CATEGORIES,
+    VISA_CATEGORIES,
+    anomaly_categories,
+)
 from oodscope.io.registry.catalog_openood import OPENOOD_SPLITS
 from oodscope.io.registry.download import (
     CheckReport,
@@ -70,6 +76,7 @@ from oodscope.io.registry.specs import (
 __all__ = [
     "BENCHMARKS",
     "DATA_ENV",
+    "MPDD_CATEGORIES",
     "MVTEC_CATEGORIES",
     "OPENOOD_SPLITS",
     "VISA_CATEGORIES",
@@ -80,6 +87,7 @@ __all__ = [
     "DatasetSpec",
     "DownloadError",
     "FileChecksum",
+    "anomaly_categories",
     "check_dataset",
     "data_root",
     "download_dataset",

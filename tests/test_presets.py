@@ -319,3 +319,35 @@ def test_the_preset_flags_name_every_preset():
         assert option.default in (None, argparse.SUPPRESS)  # not given: no preset (bench: the config's key)
         for name in PRESET_NAMES:
             assert name in option.help, (command, name)
+
+
+def test_the_model_and_its_wrappers_take_a_preset():
+    from oodscope.pipeline import OODModel
+    from oodscope.pipeline.api import FewShotDetector, ZeroShotDetector
+
+    model = OODModel("effnet-lite0", "knn", {"k": 3}, preset="paper-cifar")  # the backbone is created lazily
+    assert (model.preset, model.method_params) == ("paper-cifar", {"k": 3, "subsample": 1.0})
+    assert model.summary()["preset"] == "paper-cifar"
+    few = FewShotDetector("effnet-lite0", "nnguide", preset="openood-v1.5", k=5)
+    assert few.model.method_params == {"k": 5, "subsample": 0.01}
+    zero = ZeroShotDetector("conse:effnet-lite0", CLASSES, "glmcm", preset="paper-imagenet")
+    assert zero.model.method_params == {"classes": CLASSES, "local_weight": 0.5}
+
+
+def test_the_docs_table_is_the_presets_table():
+    """docs/pipeline.md's table of values (and sources) is the module's table, row for row."""
+    text = (Path(__file__).parents[1] / "docs" / "pipeline.md").read_text(encoding="utf-8")
+    section = text.split("### Presets", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `") and "." in line.split("|")[1]]
+    shown = {}
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        detector, parameter = cells[0].strip("`").split(".")
+        for preset, cell in zip(PRESET_NAMES, cells[2:], strict=True):
+            if cell != "—":
+                value, source = cell.split(" (", 1)
+                shown[preset, detector, parameter] = json.loads(value)
+                repo, path = source.rstrip(")").split(" ")
+                actual = PRESETS[preset].detectors[detector][parameter].source
+                assert f"/{repo} " in actual and path.strip("`") in actual, (preset, detector, parameter)
+    assert shown == {(r["preset"], r["detector"], r["parameter"]): r["value"] for r in preset_rows()}

@@ -74,7 +74,8 @@ class ZeroShotDetector(_Wrapper):
     """OOD detection from ID class names only, calibrated on a few ID images.
 
     ``method``: a zero-shot detector (``mcm`` default, ``glmcm``, ``neglabel``, ``eoe``, ``clipn``);
-    ``method_params`` go to it (e.g. ``templates="ensemble"``, ``temperature=...``). MCM is the
+    ``method_params`` go to it (e.g. ``templates="ensemble"``, ``temperature=...``), over the values of
+    ``preset`` (:mod:`oodscope.detectors.presets`, e.g. ``"paper-imagenet"``). MCM is the
     default because it needs nothing but the class names; NegLabel's first fit embeds its whole
     WordNet corpus (about 23 min with the packaged text encoder on 2 CPU cores, then cached with
     ``OODSCOPE_TEXT_CACHE``).
@@ -94,6 +95,7 @@ class ZeroShotDetector(_Wrapper):
         classes: list[str] | None = None,
         method: str = "mcm",
         *,
+        preset: str | None = None,
         alpha: float = 0.05,
         prediction_sets: str | None = "aps",
         cache_dir: str | os.PathLike | None = None,
@@ -104,8 +106,8 @@ class ZeroShotDetector(_Wrapper):
             raise OODModelError(f"{method} is not a zero-shot method; use FewShotDetector (or OODModel)")
         if classes is not None:
             method_params["classes"] = list(classes)
-        self.model = OODModel(backbone, method, method_params, alpha=alpha, prediction_sets=prediction_sets,
-                              cache_dir=cache_dir, progress=progress)
+        self.model = OODModel(backbone, method, method_params, preset=preset, alpha=alpha,
+                              prediction_sets=prediction_sets, cache_dir=cache_dir, progress=progress)
 
     def fit(self, calibration: Any = None, *, classes: list[str] | None = None,
             labels: Any = None) -> ZeroShotDetector:
@@ -125,7 +127,8 @@ class FewShotDetector(_Wrapper):
 
     ``method``: ``knn`` (default), ``mahalanobis`` (class-conditional Gaussians with a tied
     covariance, i.e. the GDA score), ``relative_mahalanobis``, ``gmm``, ``vim``, ... with
-    ``method_params`` (e.g. ``k=5``: KNN needs at least ``k`` fit images). ``fit(ID)`` keeps
+    ``method_params`` (e.g. ``k=5``: KNN needs at least ``k`` fit images), over the values of ``preset``
+    (:mod:`oodscope.detectors.presets`). ``fit(ID)`` keeps
     ``calibration_fraction`` of the images (stratified by class, seeded) for calibration and fits on
     the rest; a linear probe on the fit part predicts the ID class.
     """
@@ -137,6 +140,7 @@ class FewShotDetector(_Wrapper):
         backbone: Any = "effnet-lite0",
         method: str = "knn",
         *,
+        preset: str | None = None,
         alpha: float = 0.05,
         calibration_fraction: float = 0.3,
         prediction_sets: str | None = "aps",
@@ -146,9 +150,9 @@ class FewShotDetector(_Wrapper):
         progress: bool = True,
         **method_params: Any,
     ) -> None:
-        self.model = OODModel(backbone, method, method_params, alpha=alpha, prediction_sets=prediction_sets,
-                              head=head, calibration_fraction=calibration_fraction, seed=seed,
-                              cache_dir=cache_dir, progress=progress)
+        self.model = OODModel(backbone, method, method_params, preset=preset, alpha=alpha,
+                              prediction_sets=prediction_sets, head=head, calibration_fraction=calibration_fraction,
+                              seed=seed, cache_dir=cache_dir, progress=progress)
         if self.model.zero_shot:
             raise OODModelError(f"{method} is a zero-shot method; use ZeroShotDetector")
 

@@ -95,8 +95,9 @@ def calibrate_on(model: OODModel, data: ModelData, notes: list[str] | None = Non
     }
 
 
-def predict_chunk(model: OODModel, data: ModelData) -> Predictions:
-    """Predictions for one chunk: scored rows and error rows, in input order."""
+def predict_chunk(model: OODModel, data: ModelData, precomputed: np.ndarray | None = None) -> Predictions:
+    """Predictions for one chunk: scored rows and error rows, in input order (``precomputed``: the detector's
+    scores of ``data.features`` when already computed, e.g. with the anomaly maps)."""
     n, k = data.n, len(model.class_names_) if model.class_names_ else 0
     scores, p = np.full(n, np.nan), np.full(n, np.nan)
     ood = np.zeros(n, dtype=bool)
@@ -107,7 +108,7 @@ def predict_chunk(model: OODModel, data: ModelData) -> Predictions:
         errors[f.index] = f.reason
     if data.features is not None:
         idx = data.indices
-        s = model.detector_scores(data.features)
+        s = model.detector_scores(data.features) if precomputed is None else np.asarray(precomputed, np.float64)
         scores[idx] = s
         for j in np.flatnonzero(np.isnan(s)):
             errors[idx[j]] = "the detector returned NaN"

@@ -174,6 +174,8 @@ class OODModel:
                 options.setdefault("patches", True)
             if "layers" in requires:
                 options.setdefault("layers", True)
+            if "dense" in requires:  # image anomaly methods: the backbone's default dense maps
+                options.setdefault("dense_layers", True)
             self._backbone = create_shared(self.backbone_spec, **options)
         return self._backbone
 
@@ -384,6 +386,28 @@ class OODModel:
             raise OODModelError("no images to predict")
         out = Predictions.concatenate(parts)
         return out.with_fdr(fdr) if fdr is not None else out
+
+    def score_maps(self, images: Any, *, sigma: float = 4.0, chunk_size: int = 64,
+                   progress: bool | None = None) -> tuple[np.ndarray, Any]:
+        """Image anomaly methods: scores (NaN for unreadable images) and one anomaly map per image.
+
+        For images, each map is (H, W) float32 at that image's own resolution (None where unreadable):
+        upsampled and Gaussian-smoothed (``sigma`` px) at the network's input size, then mapped back
+        through the preprocessing geometry (NaN outside a centre crop; see :mod:`oodscope.pipeline.maps`).
+        For :class:`Features`, the maps are (N, S, S) at the network's input size."""
+        from oodscope.pipeline import maps
+
+        return maps.score_maps(self, images, sigma=sigma, chunk_size=chunk_size, progress=progress)
+
+    def predict_maps_iter(self, images: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool | None = None,
+                          require_calibration: bool = True, sigma: float = 4.0) -> Iterator[tuple[Predictions, list]]:
+        """:meth:`predict_iter` with the anomaly maps: ``(predictions, maps)`` per chunk (maps as in
+        :meth:`score_maps`), from one feature extraction and one detector pass."""
+        from oodscope.pipeline import maps
+
+        for part, part_maps, _ in maps.predict_maps_iter(self, images, chunk_size=chunk_size, progress=progress,
+                                                         require_calibration=require_calibration, sigma=sigma):
+            yield part, part_maps
 
     # ------------------------------------------------------------------ description and persistence
     def summary(self) -> dict[str, Any]:

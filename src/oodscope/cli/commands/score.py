@@ -8,6 +8,9 @@ run is added (column ``ood_fdr``); since it needs every p-value, rows are then w
 A model that is not calibrated (zero-shot, fitted from class names alone) gives scores and classes:
 the p-value and decision columns are empty, one line on stderr says so, and ``--fdr`` is refused.
 
+With ``--maps DIR`` (image anomaly methods) each image's anomaly map is also written, as a float16
+``.npy`` at the image's resolution and a PNG heat-map overlay (:mod:`oodscope.cli.commands._maps`).
+
 Formats: ``table`` (aligned text), ``csv`` (header row; booleans ``true``/``false``, empty = none,
 prediction set joined with ``|``), ``jsonl`` (one JSON object per line; ``prediction_set`` a list).
 
@@ -43,6 +46,7 @@ from oodscope.cli.commands._common import (
     print_failures,
 )
 from oodscope.cli.commands._engine import add_engine_options, check_engine_args, score_on_ray, uses_ray
+from oodscope.cli.commands._maps import add_maps_option, check_maps_args, predictions_writing_maps
 
 HELP = "score images with a fitted model: p-values, OOD decisions, ID class, prediction sets"
 CSV_SET_SEPARATOR = "|"
@@ -70,6 +74,7 @@ def register(sub) -> None:
     add_backbone_options(parser)
     add_max_pixels_option(parser)
     add_engine_options(parser, "scoring")  # --engine / --address (issue 13: cli/commands/_engine.py)
+    add_maps_option(parser)  # --maps DIR (issue 11: cli/commands/_maps.py)
     parser.set_defaults(func=run)
 
 
@@ -169,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"oodscope score: note: {args.model} is not calibrated: scores and classes only, the p-value and "
               "decision columns stay empty; decisions need calibration (oodscope fit ... --calibration-dir "
               "ID_IMAGES)", file=sys.stderr)
-    stream = model.predict_iter(source, chunk_size=args.chunk_size, require_calibration=False)
+    stream = model.predict_iter(source, chunk_size=args.chunk_size, require_calibration=False) if args.maps is None \
+        else predictions_writing_maps(model, source, args.chunk_size, args.maps)
     out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout  # noqa: SIM115
     writer = WRITERS[args.format](out, with_fdr=args.fdr is not None)
     n = n_ood = 0
@@ -218,6 +224,7 @@ def check(args: argparse.Namespace) -> Any:
     if not args.model.is_dir():
         raise UsageError(f"{args.model}: no such model directory (write one with `oodscope fit`)")
     config = read_config(args.model)
+    check_maps_args(args, config)
     calibrated = bool(config.get("threshold")) and bool(config.get("calibration"))
     if args.fdr is not None and not calibrated:
         raise UsageError(f"--fdr needs p-values, and {args.model} is not calibrated (it gives scores only); "

@@ -142,6 +142,8 @@ def test_pixel_threshold_by_hand_and_its_errors():
     thr = fit_pixel_threshold(maps, 0.5)
     assert thr.value == 5.0 and thr.n == 2 and thr.calibration_fpr == pytest.approx(0.25)
     np.testing.assert_array_equal(thr.decide(maps[1]), [[False, False], [True, True]])
+    ragged = thr.decide([maps[0], np.array([[9.0, 1.0, 5.5]])])  # maps of different sizes
+    assert not ragged[0].any() and ragged[1].tolist() == [[True, False, True]]
     assert pixel_losses(maps, 4.0).tolist() == [0.0, 0.75]
     assert PixelThreshold.from_dict(thr.to_dict()) == thr
     with pytest.raises(ValueError, match="too few for target_fpr"):

@@ -84,8 +84,10 @@ class PixelThreshold:
     calibration_fpr: float
     method: str = "conformal-risk-control"
 
-    def decide(self, maps: Any) -> np.ndarray:
-        """Boolean maps, True = flagged defective (``value > threshold``)."""
+    def decide(self, maps: Any) -> np.ndarray | list[np.ndarray]:
+        """Boolean maps, True = flagged defective (``map value > value``); a list of maps gives a list."""
+        if isinstance(maps, (list, tuple)):
+            return [self.decide(m) for m in maps]
         a = np.asarray(maps, dtype=np.float64)
         if np.isnan(a).any():
             raise ValueError(f"maps contain {int(np.isnan(a).sum())} NaN value(s)")

@@ -121,7 +121,7 @@ def _register_anomaly() -> None:
     common = {"source": mvtec_src, "licence": "CC BY-NC-SA 4.0", "how_to_place": mvtec_how, "folder": "mvtec-ad",
               "checksums": (mvtec_sum,), "checksum_source": ANOMALIB_SOURCE}
     register_dataset(DatasetSpec(
-        name="mvtec-ad", description="MVTec AD, all 15 categories, train (defect-free) + test images (masks excluded)",
+        name="mvtec-ad", description="MVTec AD, 15 categories, train (defect-free) + test images (masks: load_mask)",
         loader=_mvtec_all, expected_files=5_354, count_source="MVTec AD paper: 3,629 train + 1,725 test",
         tags=("anomaly",), **common))
     for category in MVTEC_CATEGORIES:

@@ -296,3 +296,16 @@ def test_streaming_extraction_keeps_memory_flat(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert total == 400 and peak < 400 * row
+
+
+def test_conse_spec_splits_dense_layers_between_conse_and_its_classifier(lite0_dense):
+    pytest.importorskip("transformers")
+    both = create("conse:effnet-lite0@64?dense=conse,stage3", device="cpu")
+    assert both.dense_grid and both.classifier.dense_layers == ("stage3",)
+    assert both.input_spec.resize == "stretch"
+    default = create("conse:effnet-lite0@64?dense", device="cpu")
+    assert default.dense_grid and default.classifier.dense_layers == ("stage3", "stage5")
+    alone = create("conse:effnet-lite0@64?dense=conse", device="cpu")
+    assert alone.dense_grid and alone.classifier.dense_layers == ()
+    assert alone.input_spec.resize == "stretch"  # the grid covers the whole image too
+    assert backbone_config(alone.classifier)["patches"] is True  # the cells are cached, the grid derived

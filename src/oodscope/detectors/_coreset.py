@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 #: Elements of the (chunk x bank-block) distance temporary when a chunk meets the bank (~4 MiB float32).
 DISTANCE_BLOCK = 1 << 20
@@ -110,21 +111,27 @@ class StreamingGreedyCoreset:
         self.radius_last = 0.0
 
     def _project(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x if self.projection is None else x @ self.projection, dtype=np.float32)
+        if self.projection is None:
+            return x
+        q = np.empty((len(x), self.projection.shape[1]), np.float32)
+        torch.mm(torch.from_numpy(x), torch.from_numpy(self.projection), out=torch.from_numpy(q))
+        return q
 
-    def _distances_to_bank(self, q: np.ndarray, q_sq: np.ndarray) -> np.ndarray:
-        """Squared distance of each row of ``q`` to its nearest chosen point (inf when none), in blocks."""
+    def _distances_to_bank(self, q: torch.Tensor, q_sq: torch.Tensor) -> np.ndarray:
+        """Squared distance of each row of ``q`` to its nearest chosen point, in blocks of the bank."""
         best = np.full(len(q), np.inf, np.float32)
-        bank, bank_sq = self._proj, self._proj_sq
+        t_best = torch.from_numpy(best)
+        bank, bank_sq = torch.from_numpy(self._proj), torch.from_numpy(self._proj_sq)
         block = max(1, DISTANCE_BLOCK // max(1, len(q)))
+        buffer = np.empty(len(q) * min(block, len(bank)), np.float32)  # numpy-owned: tracemalloc sees it
         for b0 in range(0, len(bank), block):
-            d2 = q @ bank[b0 : b0 + block].T
-            d2 *= -2.0
-            d2 += q_sq[:, None]
-            d2 += bank_sq[None, b0 : b0 + block]
-            np.minimum(best, d2.min(axis=1), out=best)
-            del d2  # before the next block is allocated
-        return np.maximum(best, 0.0, out=best)
+            width = min(block, len(bank) - b0)
+            d2 = torch.from_numpy(buffer[: len(q) * width]).view(len(q), width)
+            # ||b||^2 - 2 q.b in one fused pass; ||q||^2 is the same for every b, added after the min.
+            torch.addmm(bank_sq[None, b0 : b0 + width], q, bank[b0 : b0 + width].T, beta=1.0, alpha=-2.0, out=d2)
+            torch.minimum(t_best, d2.amin(dim=1), out=t_best)
+        t_best.add_(q_sq).clamp_(min=0.0)
+        return best
 
     def add(self, x: np.ndarray) -> None:
         """Stream one chunk (n, D) float32 of patch features: pick from it up to the running budget."""
@@ -134,41 +141,48 @@ class StreamingGreedyCoreset:
         offset, self.seen = self.seen, self.seen + len(x)
         if len(x) == 0:
             return
-        q = self._project(x)
-        q_sq = np.einsum("ij,ij->i", q, q)
+        # The arithmetic runs in torch on views of numpy-owned buffers: torch's CPU kernels stay fast
+        # when the machine is shared (a threaded OpenBLAS matrix-vector product does not), and every
+        # large buffer is numpy's, so tracemalloc accounts for it.
+        q_np = self._project(x)
+        q = torch.from_numpy(q_np)
+        q_sq_np = np.empty(len(x), np.float32)
+        q_sq = torch.from_numpy(q_sq_np)
+        torch.sum(q * q, dim=1, out=q_sq)
         # Budget after this chunk: ratio of the patches seen so far (the final one is exactly `target`).
         budget = self.target if self.seen == self.total else max(1, int(self.ratio * self.seen))
         picks: list[int] = []
+        d2_np = np.empty(len(x), np.float32)
+        d2 = torch.from_numpy(d2_np)
         if not self.indices:
             first = int(self.rng.integers(len(x)))
             picks.append(first)
-            mind = q @ q[first]
-            mind *= -2.0
-            mind += q_sq
-            mind += q_sq[first]
-            np.maximum(mind, 0.0, out=mind)
+            mind_np = np.empty(len(x), np.float32)
+            mind = torch.from_numpy(mind_np)
+            torch.addmv(q_sq, q, q[first], beta=1.0, alpha=-2.0, out=mind)
+            mind.add_(q_sq[first]).clamp_(min=0.0)
             mind[first] = 0.0
         else:
-            mind = self._distances_to_bank(q, q_sq)
+            mind_np = self._distances_to_bank(q, q_sq)
+            mind = torch.from_numpy(mind_np)
         while len(self.indices) + len(picks) < budget:
-            j = int(np.argmax(mind))
-            if mind[j] <= 0.0:  # every patch of the chunk is already a bank point: nothing left to cover
+            j = int(torch.argmax(mind))  # ties: the first maximal index, as np.argmax
+            top = float(mind[j])
+            if top <= 0.0:  # every patch of the chunk is already a bank point: nothing left to cover
                 break
-            self.min_delta = min(self.min_delta, math.sqrt(float(mind[j])))
+            self.min_delta = min(self.min_delta, math.sqrt(top))
             picks.append(j)
-            d2 = q @ q[j]
-            d2 *= -2.0
-            d2 += q_sq
-            d2 += q_sq[j]
-            np.minimum(mind, d2, out=mind)
+            torch.addmv(q_sq, q, q[j], beta=1.0, alpha=-2.0, out=d2)
+            d2.add_(q_sq[j])
+            torch.minimum(mind, d2, out=mind)
             mind[j] = 0.0
         self.radius_last = math.sqrt(max(0.0, float(mind.max())))
         self.radius_upper = max(self.radius_upper, self.radius_last)
         if picks:
             rows = np.asarray(picks)
             self._full.append(x[rows].copy())
-            self._proj = np.concatenate([self._proj.reshape(-1, q.shape[1]), q[rows]])
-            self._proj_sq = np.concatenate([self._proj_sq, q_sq[rows]])
+            self._proj = np.concatenate([self._proj.reshape(-1, q_np.shape[1]), q_np[rows]])
+            self._proj_sq = np.concatenate([self._proj_sq, q_sq_np[rows]])
             self.indices.extend(offset + p for p in picks)
 
     def bank(self) -> np.ndarray:

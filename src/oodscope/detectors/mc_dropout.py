@@ -85,7 +85,7 @@ class MCDropout(ModelBasedDetector):
                 "mc_dropout: the network has no dropout module with p > 0 (torch.nn.Dropout, Dropout1d/2d/3d), so "
                 "every pass would give the same prediction; MC Dropout needs a network trained with dropout"
             )
-        probs = []
+        passes = []
         for t in range(int(self.samples)):
             hooks = []
             for k, module in enumerate(drops):
@@ -101,8 +101,8 @@ class MCDropout(ModelBasedDetector):
             logits = out if torch.is_tensor(out) else getattr(out, "logits", None)
             if not torch.is_tensor(logits) or logits.ndim != 2:
                 raise DetectorError("mc_dropout: the network must return (N, C) logits (or an object with .logits)")
-            probs.append(torch.softmax(logits.to(torch.float64), dim=1))
-        p = torch.stack(probs)  # (T, N, C)
+            passes.append(logits.to(torch.float64))
+        p = torch.softmax(torch.stack(passes), dim=2)  # (T, N, C), one call for all passes
         if self.mode == "var":
             return p.var(dim=0).mean(dim=1)
         mean = p.mean(dim=0)

@@ -59,6 +59,9 @@ REQUIRED_PARAMS: dict[str, dict[str, Any]] = {
     # Not required, but NegLabel's official recipe keeps 15 % of each part of speech: of the fixture's
     # 13-word lexicon that is one noun, far from every image, whose ID mass saturates to 1. Keep them all.
     "neglabel": {"num_negatives": 1.0},
+    # Not required: with the fixture's 5 labels the default top_k=10 would mark every label related
+    # (constant scores); one nearest label per ID class leaves some labels as negatives.
+    "label_vocabulary": {"top_k": 1},
     "csp": {"num_negatives": 1.0},  # as NegLabel (same 15 % rule)
     "negrefine": {"num_negatives": 1.0},
 }
@@ -72,6 +75,9 @@ FIT_OPTIONS = {
     "csp": lambda data: {"lexicon": data.lexicon},
     "negrefine": lambda data: {"lexicon": data.lexicon},
     "clipn": lambda data: {"no_text_encoder": data.no_encoder},
+    # The texts of the fixture classifier's 5 labels (the encoder has no label_embeddings): two named
+    # like ID classes, three unrelated words.
+    "label_vocabulary": lambda data: {"label_texts": ["digit zero", "digit one", "car", "tree", "house"]},
     # Model-in-the-loop detectors fitted through the network on the ID fit images.
     "adascale_a": lambda data: {"parts": data.parts, "images": data.fit_images},
     "adascale_l": lambda data: {"parts": data.parts, "images": data.fit_images},

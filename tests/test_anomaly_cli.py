@@ -260,3 +260,29 @@ def test_map_file_names_are_relative_and_unique():
     assert map_file_names(["/d/good/a.png", "/d/bad/a.png", "/d/bad/a.jpg"]) == ["good/a", "bad/a", "bad/a-2"]
     assert map_file_names(["array:3"]) == ["array_3"]
     assert map_file_names(["/x/one.png"]) == ["one"]
+
+
+def test_patchcore_from_the_command_line_localises_the_defects(folders, tmp_path, capsys):
+    """The same commands with a method of the package (when registered): PatchCore's maps are high on
+    the pasted gravel, and every defective image scores higher than every good one."""
+    from oodscope.detectors import registered
+
+    if "patchcore" not in registered():
+        pytest.skip("patchcore is not registered")
+    root, boxes = folders
+    model_dir, maps_dir = tmp_path / "patchcore", tmp_path / "maps"
+    code, _, err = run_cli(["fit", "--backbone", BACKBONE, "--method", "patchcore", "--id-dir", root / "good",
+                            "--alpha", "0.2", "--workers", "0", "--no-cache", "-o", model_dir], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["score", model_dir, root / "test", "--maps", maps_dir, "--format", "jsonl",
+                              "--workers", "0", "--no-cache"], capsys)
+    assert code == 0, err
+    scores = {Path(r["item"]).stem: r["score"] for r in map(__import__("json").loads, out.splitlines())}
+    for stem, (x0, y0, bw, bh) in boxes.items():
+        amap = np.load(maps_dir / "defect" / f"{stem}.npy", allow_pickle=False).astype(np.float64)
+        inside = np.zeros(amap.shape, bool)
+        inside[y0:y0 + bh, x0:x0 + bw] = True
+        assert amap[inside].mean() > amap[~inside].mean(), stem
+    bad = [v for s, v in scores.items() if s.startswith("bad")]
+    good = [v for s, v in scores.items() if s.startswith("ok")]
+    assert min(bad) > max(good)  # measured: 37.9-43.0 against 24.3-26.3

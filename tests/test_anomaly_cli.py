@@ -170,7 +170,7 @@ def test_score_maps_user_errors_exit_2(folders, fitted_dir, tmp_path, capsys):
     assert code == 2 and "needs an image anomaly method" in err
     assert not (tmp_path / "m").exists()
     code, _, err = run_cli(["fit", "--backbone", BACKBONE, "--method", METHOD, "-o", tmp_path / "x"], capsys)
-    assert code == 2 and "--id-dir" in err
+    assert code == 2 and "learns from good (normal) images: give --id-dir" in err
 
 
 def test_python_api_maps_and_save_load_round_trip(folders, tmp_path):

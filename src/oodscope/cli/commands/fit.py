@@ -5,7 +5,9 @@ alone: without ID images the model written gives scores only; with ID images to 
 (``--calibration-dir``, or ``--id-dir``: nothing is fitted on them) it also gives p-values and
 decisions. Feature-space methods (knn, mahalanobis, ...) fit on ``--id-dir`` (class sub-folders)
 and calibrate on a held-out part of it (``--calibration-fraction``, stratified and seeded) or on
-``--calibration-dir``; calibrating on the fit images is refused.
+``--calibration-dir``; calibrating on the fit images is refused. Image anomaly methods (patchcore,
+padim, ...) fit the same way on a folder of good images (no classes needed); ``oodscope score
+--maps DIR`` then writes their maps (docs/anomaly.md).
 
 The model's options (``--alpha``, ``--prediction-sets``, ``--head``, ...) are built from
 :data:`oodscope.pipeline.options.MODEL_OPTIONS`, the definitions of OODModel's settings. Everything
@@ -145,6 +147,9 @@ def check(args: argparse.Namespace) -> _Plan:
             raise UsageError(f"--classes is for zero-shot methods; {method} ({kind}) takes the classes from the "
                              "sub-folders of --id-dir")
         if not args.id_dir:
+            if model.kind.value == "anomaly":  # fitted on a folder of good images, no classes
+                raise UsageError(f"{method} ({kind}) learns from good (normal) images: give --id-dir (a folder of "
+                                 "them)")
             raise UsageError(f"{method} ({kind}) learns from ID images: give --id-dir (one sub-folder per class)")
     if classes is not None and len(classes) < 2:
         raise UsageError(f"--classes needs at least 2 class names, got {classes}")

@@ -304,3 +304,16 @@ def test_spec_strings_name_the_options():
     ensemble = create_backbone("conse:effnet-lite0+effnet-lite2", device="cpu")
     assert isinstance(ensemble.classifier, ClassifierEnsemble)
     assert ensemble.id == "conse:effnet-lite0+effnet-lite2" and ensemble.input_spec.size == 260
+
+
+def test_conse_variants_share_the_text_cache_of_their_sentence_encoder():
+    from oodscope.text.prompts import encoder_key
+
+    encoder = TableEncoder(TABLE)
+    a = ConSE(_Classifier(), encoder)
+    b = ConSE(_Classifier(), encoder, label_text="lemmas+gloss")
+    assert a.id != b.id and encoder_key(a) == encoder_key(b) == encoder_key(encoder)
+    cache = TextEmbeddingCache()
+    cache.encode(a, ["a photo of a cat."])
+    cache.encode(b, ["a photo of a cat."])
+    assert cache.encoded_count == 1

@@ -214,5 +214,11 @@ class ConSE:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.text_encoder.encode_texts(texts)
 
+    @property
+    def text_space_encoder(self) -> object:
+        """Texts are the sentence encoder's alone (not the classifier's nor the label texts'): the
+        text-embedding cache keys them by it, so every ConSE variant shares one cache."""
+        return self.text_encoder
+
     def classifier_parts(self):
         return self.classifier.classifier_parts()

@@ -160,7 +160,12 @@ def encode_texts(encoder: Any, texts: Sequence[str], *, cache: TextEmbeddingCach
 # --------------------------------------------------------------------------- cache
 def encoder_key(encoder: Any) -> str | None:
     """A stable name for an encoder's text space: its ``id`` plus ``weights_fingerprint()`` when it has
-    them; ``None`` for encoders without an ``id`` (cached in memory only, per object)."""
+    them; ``None`` for encoders without an ``id`` (cached in memory only, per object). An encoder whose
+    texts are encoded by another one exposes it as ``text_space_encoder`` (ConSE: its sentence
+    encoder) and is keyed as that one, so every backbone sharing the text space shares the cache."""
+    delegate = getattr(encoder, "text_space_encoder", None)
+    if delegate is not None and delegate is not encoder:
+        return encoder_key(delegate)
     ident = getattr(encoder, "id", None)
     if not isinstance(ident, str) or not ident:
         return None

@@ -11,9 +11,11 @@ separately (OpenOOD ``avg_pooling``). Fit: per unit, a histogram of ``z^`` over 
 bins (OpenOOD's ``logspace(1e3, M)`` edges, dense near 0 and 1); coverage ``phi = min(count / O*, 1)``.
 Score: ``-(1/|layers|) sum_l mean_units phi_l(bin of z^)`` (the coverage of the image's own bins; higher
 = more OOD).
-Defaults: ``M=50`` bins, ``o_star=50``, ``sig_alpha=100`` — the defaults of pytorch-ood's ``NACUE``
-(``m_bins=50, o_star=50, alpha=100``); OpenOOD sets these per layer in its config and searches them
-per benchmark (APS), values we could not check against the original file, so they are not claimed.
+Defaults: one layer, the penultimate, with ``M=50`` bins, ``o_star=50``, ``sig_alpha=100`` — the
+authors' ResNet-18 CIFAR-10 config (``configs/postprocessors/nac/resnet/nac_cifar10.yml`` of
+github.com/BierOne/ood_coverage: ``layer_names: [avgpool]``, ``O: 50, M: 50, sig_alpha: 100``; their
+ImageNet ResNet-50 config uses ``O: 10, sig_alpha: 3000``). ``sig_alpha`` must suit the scale of
+``o * g`` of the network, which the authors set per model and benchmark.
 
 Layers, adapted to :class:`~oodscope.backbones.base.ClassifierParts`: OpenOOD instruments
 ``avgpool`` (the pooled penultimate vector) plus ``layer1``-``layer3`` of a ResNet; ``ClassifierParts``
@@ -21,7 +23,8 @@ exposes the penultimate ``pool(feature_map(x))`` and the last feature map, so ``
 ``("penultimate", "feature_map")`` (default ``("penultimate",)``, OpenOOD's ``avgpool``;
 ``"feature_map"`` is ResNet's ``layer4`` output, summed over cells). Intermediate blocks are not
 reachable with gradients through ``ClassifierParts``. Gradients are real autograd through ``pool``
-and ``head``. Fitting uses every ID image given (OpenOOD: a class-balanced subset, ``valid_num``):
+and ``head``. Fitting uses every ID image given (the authors: a class-balanced subset of
+``valid_num: 1000`` training images; pass such a subset to match):
 ``fit(parts=backbone.classifier_parts(), images=id_images)``. ``M`` must be even (the edge grid of
 the official code has ``2 * (M // 2)`` edges).
 """

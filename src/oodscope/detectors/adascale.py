@@ -1,7 +1,7 @@
 """AdaSCALE — SCALE with a per-image percentile set by how much a small perturbation moves the features.
 
-Regmi, Panthi, Adhikari, Karki & Bhattarai, "AdaSCALE: Adaptive Scaling for Out-of-Distribution
-Detection", arXiv:2503.08023 (2025); port of OpenOOD v1.5 ``openood/postprocessors/adascale_postprocessor.py``
+Regmi et al., "AdaSCALE: Adaptive Scaling for Out-of-Distribution Detection", arXiv preprint, 2025;
+port of OpenOOD v1.5 ``openood/postprocessors/adascale_postprocessor.py``
 and ``openood/networks/adascale_net.py``.
 
 Per image, with penultimate ``h = pool(feature_map(x))``: ``x~ = x + 0.5 * sign(g) * m``, ``g`` the input

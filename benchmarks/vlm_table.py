@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="feature cache (shared with common.py)")
     parser.add_argument("--text-cache", type=Path, default=DEFAULT_TEXT_CACHE, help="on-disk text-embedding cache")
-    parser.add_argument("--save-every", type=int, default=50000, help="save the text cache every N new texts")
+    parser.add_argument("--save-every", type=int, default=10000, help="save the text cache every N new texts")
     parser.add_argument("--csp-prompts", choices=("official", "single"), default="official",
                         help="CSP / NegRefine prompts: their official ensembles, or one prompt of each (faster)")
     parser.add_argument("--shots", type=int, nargs="*", default=list(DEFAULT_SHOTS))

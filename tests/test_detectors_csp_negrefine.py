@@ -45,10 +45,12 @@ class WordEncoder:
 
     def __init__(self, vocab: dict[str, np.ndarray]) -> None:
         self.vocab = vocab
+        self.seen: list[str] = []
         digest = hashlib.sha256(repr(sorted((k, tuple(v)) for k, v in vocab.items())).encode())
         self.id = "words-" + digest.hexdigest()[:8]
 
     def encode_texts(self, texts):
+        self.seen.extend(texts)
         rows = []
         for t in texts:
             hits = {w for w in re.findall(r"[a-z0-9]+", t.lower()) if w in self.vocab}
@@ -232,6 +234,10 @@ def test_negrefine_matches_the_official_mining_and_score(pair_texts: str) -> Non
     x = torch.from_numpy(_images(10))
     expected = _official_negrefine_score(enc, classes, words, neg_t, pos_t, x, 2)
     np.testing.assert_allclose(det.score(x.numpy()), -expected.numpy(), rtol=0, atol=1e-6)
+    # CSP's prompt parameters pass through (one template: the pair texts use it too)
+    one = create("negrefine", classes=classes, ngroups=2, refine=False, noun_templates=["the nice {}"],
+                 templates=["the nice {}"]).fit(text_encoder=enc, lexicon=LEXICON)
+    assert f"the nice c0 and {words[0]}" in enc.seen and one.get_params()["noun_templates"] == ["the nice {}"]
     # the multi-matching term matters here: weight 0 is NegLabel's grouped score alone
     plain = create("negrefine", classes=classes, ngroups=2, refine=False, multi_matching_weight=0.0)
     plain.fit(text_encoder=enc, lexicon=LEXICON)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from oodscope.detectors._zeroshot import grouped_id_mass
-from oodscope.detectors.base import DetectorError, register
+from oodscope.detectors.base import DetectorError, parameters, register
 from oodscope.detectors.csp import CSP, ensemble_embeddings
 from oodscope.text.lexicon import Lexicon
 from oodscope.text.prompts import TextEmbeddingCache
@@ -61,6 +61,11 @@ class NegRefine(CSP):
     e^{c(x,n)/tau})``, OOD score ``-S``; defaults and departures in the module docstring."""
 
     name = "negrefine"
+
+    @classmethod
+    def inherited_parameters(cls) -> dict[str, Any]:
+        """CSP's parameters (its prompt ensembles, NegLabel's mining and grouping), taken as they are."""
+        return {k: v for k, v in parameters(CSP).items() if k != "classes"}
 
     def __init__(
         self,

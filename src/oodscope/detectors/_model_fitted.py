@@ -45,17 +45,14 @@ class _Fitted(ModelBasedDetector):
 
 
 class FeatureFittedModelDetector(_Fitted):
-    """Fitted on ID ``Features`` (the fields of :meth:`fit_fields`), scored through the network."""
+    """Fitted on ID ``Features`` (the fields of ``requires`` besides ``"model"``), scored through the network."""
 
     def fit_needs(self) -> FitNeeds:
         return FitNeeds(features=True, labels=type(self).needs_labels, model=True)
 
-    def fit_fields(self) -> tuple[str, ...]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def fields(self) -> tuple[str, ...]:
-        # What the fit reads from the backbone's features (the benchmark plans extraction from it).
-        return ("model", *self.fit_fields())
+    def fit_fields(self) -> tuple[str, ...]:
+        """The Features fields the fit reads: ``requires`` (e.g. ``("model", "layers")``) but ``model``."""
+        return tuple(r for r in self.fields() if r != "model")
 
     def fit(
         self,

@@ -99,6 +99,7 @@ def fit_gaussians(detector: Detector, x: torch.Tensor, labels: torch.Tensor, wha
 class MahalanobisODIN(FeatureFittedModelDetector):
     name = "mahalanobis_odin"
     needs_labels = True
+    requires = ("model", "penultimate")  # penultimate: read at fit
 
     def __init__(self, epsilon: float = 0.0014, shrinkage: float | None = None, rcond: float | None = None) -> None:
         super().__init__()
@@ -106,9 +107,6 @@ class MahalanobisODIN(FeatureFittedModelDetector):
         self.shrinkage = shrinkage
         self.rcond = rcond
         check_shrinkage(shrinkage, self.name)
-
-    def fit_fields(self) -> tuple[str, ...]:
-        return ("penultimate",)
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
         model = fit_gaussians(self, inputs["penultimate"], labels)

@@ -42,6 +42,7 @@ from oodscope.detectors.mahalanobis_odin import check_epsilon, fit_gaussians, pr
 class MDSEnsemble(FeatureFittedModelDetector):
     name = "mds_ensemble"
     needs_labels = True
+    requires = ("model", "layers")  # layers: read at fit
 
     def __init__(
         self,
@@ -62,9 +63,6 @@ class MDSEnsemble(FeatureFittedModelDetector):
         if weights is not None and layers is not None and len(weights) != len(layers):
             raise DetectorError(f"{self.name}: {len(weights)} weights for {len(layers)} layers")
         check_shrinkage(shrinkage, self.name)
-
-    def fit_fields(self) -> tuple[str, ...]:
-        return ("layers",)
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:
         have = inputs["layers"]

@@ -309,3 +309,10 @@ def test_conse_spec_splits_dense_layers_between_conse_and_its_classifier(lite0_d
     assert alone.dense_grid and alone.classifier.dense_layers == ()
     assert alone.input_spec.resize == "stretch"  # the grid covers the whole image too
     assert backbone_config(alone.classifier)["patches"] is True  # the cells are cached, the grid derived
+
+
+def test_exported_runtimes_refuse_dense_maps(tmp_path):
+    from oodscope.backbones.exported import ExportError, with_export
+
+    with pytest.raises(ExportError, match="dense feature maps"):
+        with_export(_tiny(dense_layers=["body.1"]), tmp_path)

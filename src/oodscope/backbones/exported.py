@@ -590,6 +590,9 @@ def with_export(backbone: Any, directory: str | os.PathLike, *, threads: int | N
     another network, another input size, or lacks an output the backbone produces.
     """
     network, convert = derived_from(backbone)
+    if getattr(network, "dense_layers", ()) or getattr(backbone, "dense_grid", False):
+        raise ExportError(f"{network.id!r} is asked for dense feature maps (image anomaly methods), which exported "
+                          "graphs do not give: run it with runtime torch")
     exported = ExportedBackbone(directory, threads=threads)
     if exported.id != network.id:
         raise ExportError(f"{directory} is an export of {exported.id!r}, not of {network.id!r}")

@@ -55,6 +55,25 @@ _SAFETENSORS_DTYPES = {"F16": "f2", "BF16": "f2", "F32": "f4", "F64": "f8", "U8"
                        "I32": "i4", "I64": "i8", "BOOL": "u1"}
 
 
+def atomic_save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file to a temporary name and rename it into place (no copy of the arrays as
+    bytes in memory: a chunk of dense maps is large)."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(arrays, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 @dataclass(frozen=True)
 class Location:
     chunk: int
@@ -111,7 +130,6 @@ class FeatureStore:
 
     def append(self, hashes: list[bytes], features: Features) -> None:
         """Write one chunk holding ``features`` for images with these content hashes."""
-        from safetensors.numpy import save
 
         if len(hashes) != len(features):
             raise ValueError("one hash per feature row is required")
@@ -128,7 +146,7 @@ class FeatureStore:
         for name, value in features.dense.items():
             arrays[_DENSE_PREFIX + name] = np.ascontiguousarray(value, dtype=np.float16)
         path = self._new_chunk_path()
-        atomic_write_bytes(path, save(arrays))
+        atomic_save_arrays(path, arrays)
         number = len(self._chunks)
         self._chunks.append(path)
         for row, digest in enumerate(hashes):

@@ -47,7 +47,7 @@ class VRA(Detector):
     ``torch.quantile(feat, q, dim=0)``) or of all units pooled (``scope="global"``, as OpenOOD's
     ``vra_postprocessor.py``, which however clips *up* to alpha instead of zeroing below it).
     Defaults: ``percentile_low=60``, ``percentile_high=90``, ``gamma=0`` — the official README's VRA
-    command for CIFAR-10 (``--q1 0.6 --q2 0.9``; VRA+ adds ``--lamb 0.6``, our ``gamma``);
+    command for CIFAR-10 (``--q1 0.6 --q2 0.9``; VRA+ is ``--q2 0.95 --lamb 0.6``, ``lamb`` = our ``gamma``);
     ``scope="per_unit"`` as that command. (ImageNet runs in the README pass absolute thresholds,
     e.g. 0.5 / 1.0 for ResNet-50; OpenOOD's ``vra.yml`` uses global percentiles 10 / 90.)
     """

@@ -1,8 +1,10 @@
 """How ConSE's zero-shot accuracy on Fashion-MNIST depends on its text side and on the image.
 
 Sweeps: how ImageNet class labels are embedded (first lemma in a template / all lemmas bare / all
-lemmas in a template), T (top classes combined), the Fashion-MNIST class prompt, and whether
-images are shown as stored (white on black) or inverted. This sweep chose ConSE's defaults.
+lemmas in a template / ConSE's other ``label_text`` options: lemmas + WordNet gloss and/or
+hypernyms), T (top classes combined), the Fashion-MNIST class prompt, and whether images are shown
+as stored (white on black) or inverted. This sweep chose ConSE's first defaults; OOD detection
+quality on two protocols is measured by benchmarks/zero_shot_default.py.
 
     python benchmarks/conse_label_sweep.py --images 1000
 """
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 
 from oodscope.backbones import create
+from oodscope.backbones.conse import LABEL_TEXTS, imagenet_label_texts
 from oodscope.backbones.imagenet import imagenet_lemmas
 from oodscope.backbones.preprocess import preprocess
 from oodscope.io import fashion_mnist
@@ -37,7 +40,7 @@ def main() -> None:
         "template+first lemma": [f"a photo of a {lem[0]}." for lem in lemmas],
         "all lemmas (default)": [", ".join(lem) for lem in lemmas],
         "template+all lemmas": [f"a photo of a {', '.join(lem)}." for lem in lemmas],
-    }
+    } | {option: imagenet_label_texts(option) for option in LABEL_TEXTS if option != "lemmas"}
     label_emb = {k: torch.from_numpy(conse.text_encoder.encode_texts(v)) for k, v in label_texts.items()}
     prompts = {'"a photo of a {}."': [f"a photo of a {n}." for n in NAMES], '"{}"': NAMES}
     prompt_emb = {k: conse.encode_texts(v) for k, v in prompts.items()}

@@ -16,7 +16,7 @@ and the forward cost of each network (ms per image, batch 32, this machine). The
 features are cached (``$OODSCOPE_CACHE/features``, else ``~/.cache/oodscope/features``), so reruns
 only fit and score::
 
-    nice python benchmarks/zero_shot_default.py [--limit 1000] [--csv runs/zero-shot-default.csv]
+    nice python benchmarks/zero_shot_default.py --every fashion-mnist-ood=2 --csv runs/zero-shot-default.csv
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from oodscope.backbones import create as create_backbone  # noqa: E402
-from oodscope.backbones.base import derived_from  # noqa: E402
+from oodscope.backbones.base import Features, derived_from  # noqa: E402
+from oodscope.backbones.classifier_ensemble import combine  # noqa: E402
 from oodscope.backbones.conse import LABEL_TEXTS  # noqa: E402
 from oodscope.detectors import create as create_detector  # noqa: E402
 from oodscope.evaluation.bench_config import spread  # noqa: E402
@@ -65,18 +66,30 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "oodscope") / "features"
 
 
-def protocol_sets(name: str, limit: int | None) -> tuple[dict, list[str]]:
-    """Set name -> (kind, source) of a registered benchmark (test sets only: zero-shot needs no fit set)."""
+def protocol_sets(name: str, limit: int | None, every: int = 1) -> tuple[dict, list[str]]:
+    """Set name -> (kind, source) of a registered benchmark (test sets only: zero-shot needs no fit set):
+    ``limit`` images spread evenly through each set (as bench's ``--limit``), then every ``every``-th."""
     bench = get_benchmark(name)
     sets = {"id": ("id", bench.id)}
     sets |= {k: ("near", v) for k, v in bench.near.items()} | {k: ("far", v) for k, v in bench.far.items()}
     out = {}
     for set_name, (kind, spec) in sets.items():
         source = resolve_images(spec)
-        idx = spread(len(source), limit)
+        idx = spread(len(source), limit)[::every]
         out[set_name] = (kind, source if len(idx) == len(source) else Subset(source, idx))
     classes = bench.classes() if bench.classes else list(out["id"][1].class_names)
     return out, [c.lower() for c in classes]
+
+
+def network_features(network, source, extract_ensembles: bool) -> Features:
+    """The network's features of ``source`` (feature cache). An ensemble, unless ``extract_ensembles``,
+    combines its members' cached features (:func:`oodscope.backbones.classifier_ensemble.combine`):
+    the same combination, but each member on its own preprocessing instead of the largest member's
+    crop resized (the difference is measured with ``--extract-ensembles``, docs/zero_shot.md)."""
+    members = getattr(network, "members", None)
+    if members is not None and not extract_ensembles:
+        return combine([network_features(m, source, True) for m in members], network.id)
+    return extract(network, source, cache_dir=cache_dir(), progress=False, description=network.id).features
 
 
 def forward_ms(network, spec_size: int, rounds: int = 3) -> float:
@@ -94,6 +107,11 @@ def forward_ms(network, spec_size: int, rounds: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=1000, help="images per test set (spread evenly)")
+    parser.add_argument("--every", default="", metavar="PROTOCOL=N,...",
+                        help="then keep every N-th of them for these protocols (a cheaper subset)")
+    parser.add_argument("--extract-ensembles", action="store_true",
+                        help="run an ensemble's network on the images (default: combine its members' cached "
+                        "features with classifier_ensemble.combine, each member on its own preprocessing)")
     parser.add_argument("--networks", default=",".join(NETWORKS))
     parser.add_argument("--label-texts", default=",".join(LABEL_TEXTS))
     parser.add_argument("--detectors", default=",".join(DETECTORS))
@@ -102,13 +120,14 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true", help="skip the forward-cost measurement")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    every = {k: int(v) for k, v in (item.split("=") for item in args.every.split(",") if item)}
     networks = args.networks.split(",")
     texts = args.label_texts.split(",")
     detectors = args.detectors.split(",")
     rows: list[dict] = []
     speed: dict[str, float] = {}
     for protocol in args.protocols.split(","):
-        sets, classes = protocol_sets(protocol, args.limit)
+        sets, classes = protocol_sets(protocol, args.limit, every.get(protocol, 1))
         for network_name in networks:
             network = None
             for label_text in texts:
@@ -116,9 +135,7 @@ def main() -> None:
                 network, derive = derived_from(backbone)
                 feats, labels = {}, None
                 for set_name, (_, source) in sets.items():
-                    result = extract(network, source, cache_dir=cache_dir(), progress=False,
-                                     description=f"{network.id} {set_name}")
-                    feats[set_name] = result.as_derived(derive).features
+                    feats[set_name] = derive(network_features(network, source, args.extract_ensembles))
                     if set_name == "id":
                         labels = np.asarray(source.labels)
                 prompts = class_text_embeddings(backbone, classes, "simple")
@@ -153,7 +170,8 @@ def main() -> None:
                           f"all {row['all_avg'] * 100:5.1f} acc {accuracy * 100:5.1f}", flush=True)
             if network is not None and not args.no_speed and network_name not in speed:
                 speed[network_name] = forward_ms(network, network.input_spec.size)
-    report(rows, sets_by_protocol={p: protocol_sets(p, args.limit)[0] for p in args.protocols.split(",")},
+    report(rows, sets_by_protocol={p: protocol_sets(p, args.limit, every.get(p, 1))[0]
+                                   for p in args.protocols.split(",")},
            speed=speed)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)

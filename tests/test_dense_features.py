@@ -316,3 +316,16 @@ def test_exported_runtimes_refuse_dense_maps(tmp_path):
 
     with pytest.raises(ExportError, match="dense feature maps"):
         with_export(_tiny(dense_layers=["body.1"]), tmp_path)
+
+
+def test_iter_features_batches_are_sized_by_bytes(tmp_path, monkeypatch):
+    import oodscope.features.extract as extract_module
+
+    backbone = _tiny(dense_layers=["body.1", "body.3"])
+    result = extract(backbone, ArrayDataset(_images(50)), num_workers=0, progress=False, cache_dir=tmp_path,
+                     keep_in_memory=False)
+    per_row = result.store.row_bytes()
+    assert per_row >= (8 * 16 * 16 + 8 * 8 * 8) * 2  # the float16 maps, plus the pooled fields
+    monkeypatch.setattr(extract_module, "BATCH_BYTES", 10 * per_row)
+    sizes = [len(f) for _, f in result.iter_features()]
+    assert sizes == [10] * 5

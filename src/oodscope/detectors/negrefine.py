@@ -20,8 +20,9 @@ subcategory of 'p'?" for the 10 ID labels closest to n). tau = 0.01 (cosines tim
 **Departure — the filter (part 1) uses WordNet, not an LLM** (no LLM offline): a noun label is
 removed when it is a lemma of a synset of an ID class name (a synonym) or of any synset below one
 (a sub-category: transitive hyponyms, all senses of the name, instances included), checked against
-every ID class rather than the 10 closest; or when WordNet writes it only capitalised (a proper
-noun; :mod:`oodscope.text.wordnet_graph`, ``data/wordnet_nouns.txt``). An ID name matches WordNet as
+every ID class rather than the 10 closest; or when WordNet writes it only with an upper-case letter
+(a proper noun; this also catches eponyms and acronyms, "Charcot-Marie-Tooth disease", "phase IV
+clinical trial"; :mod:`oodscope.text.wordnet_graph`, ``data/wordnet_nouns.txt``). An ID name matches WordNet as
 it is, by its ``/``-separated parts, or without a parenthesised note. Conjugated adjective labels
 ("<adjective> <superclass>") are only cleaned: WordNet has no hyponymy for them (the LLM rarely
 removes them). The LLM's judgement differs from WordNet's both ways (it knows brands and recent

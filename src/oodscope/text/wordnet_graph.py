@@ -12,8 +12,9 @@ test checks this): 82,115 synsets, one line each, in ``data.noun`` order.
 
 - A *synonym* of a name: any lemma of a synset that has the name as a lemma (case-insensitive).
 - A *sub-category*: any lemma of a synset below such a synset (transitive hyponyms, instances included).
-- A *proper noun*: a lemma that WordNet writes only with a capital letter (``Paris``, ``Einstein``);
-  one that also has a lower-case sense (``china`` the porcelain) is not.
+- A *proper noun*: a lemma that WordNet writes only with an upper-case letter somewhere (``Paris``,
+  ``Einstein``, eponyms such as ``Charcot-Marie-Tooth disease``, acronyms such as ``phase IV clinical
+  trial``); one that also has an all-lower-case sense (``china`` the porcelain) is not.
 """
 
 from __future__ import annotations

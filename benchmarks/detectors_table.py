@@ -80,7 +80,7 @@ NOT_POST_HOC = {
 #: classifier is ImageNet's (1,000 classes) while the ID labels are the 6 Fashion-MNIST classes, so
 #: the given labels do not index the logits; we use the classifier's own predictions on id_fit as
 #: labels (every fit image then counts as "correctly classified").
-LABELS_FROM_CLASSIFIER = {"she"}
+LABELS_FROM_CLASSIFIER = {"she", "openmax"}
 
 
 # --------------------------------------------------------------------- planning

@@ -47,8 +47,9 @@ class _Fitted(ModelBasedDetector):
 class FeatureFittedModelDetector(_Fitted):
     """Fitted on ID ``Features`` (the fields of ``requires`` besides ``"model"``), scored through the network."""
 
-    def fit_needs(self) -> FitNeeds:
-        return FitNeeds(features=True, labels=type(self).needs_labels, model=True)
+    @classmethod
+    def class_fit_needs(cls) -> FitNeeds:
+        return FitNeeds(features=True, labels=cls.needs_labels, model=True)
 
     def fit_fields(self) -> tuple[str, ...]:
         """The Features fields the fit reads: ``requires`` (e.g. ``("model", "layers")``) but ``model``."""
@@ -85,8 +86,9 @@ class ImageFittedModelDetector(_Fitted):
 
     fit_options: ClassVar[tuple[str, ...]] = ("parts", "images")
 
-    def fit_needs(self) -> FitNeeds:
-        return FitNeeds(model=True)
+    @classmethod
+    def class_fit_needs(cls) -> FitNeeds:
+        return FitNeeds(model=True, images=True)
 
     def _fit_from(self, inputs: Any, labels: Any, *, parts: Any = None, images: Any = None, **_: Any) -> None:
         if parts is None or images is None:

@@ -98,10 +98,15 @@ class Detector:
         """Features fields this configured instance reads (default: the class's ``requires``)."""
         return type(self).requires
 
-    def fit_needs(self) -> FitNeeds:
-        """What ``fit`` needs for this configured instance (from ``kind``, ``needs_fit``, ``needs_labels``)."""
-        cls = type(self)
+    @classmethod
+    def class_fit_needs(cls) -> FitNeeds:
+        """What ``fit`` needs for the class's defaults (from ``kind``, ``needs_fit``, ``needs_labels``;
+        a base class whose fit works differently, e.g. through the network, says so here once)."""
         return needs_of_kind(cls.kind, needs_fit=cls.needs_fit, needs_labels=cls.needs_labels)
+
+    def fit_needs(self) -> FitNeeds:
+        """What ``fit`` needs for this configured instance (default: :meth:`class_fit_needs`)."""
+        return type(self).class_fit_needs()
 
     def score_chunk_rows(self) -> int:
         """Rows scored per chunk by :meth:`score` (bounds memory)."""

@@ -23,15 +23,14 @@ from oodscope.detectors.base import (
     create,
     registered,
 )
-from oodscope.detectors.kinds import FitNeeds, missing_fit_inputs, needs_of_kind
+from oodscope.detectors.kinds import FitNeeds, missing_fit_inputs
 
 __all__ = ["build_detector", "class_needs", "fit_detector", "fit_problems", "planned_params"]
 
 
 def class_needs(name_or_cls: str | type[Detector]) -> FitNeeds:
     """The fit needs a detector class declares (an instance may add to them: see ``Detector.fit_needs``)."""
-    cls = _class(name_or_cls)
-    return needs_of_kind(cls.kind, needs_fit=cls.needs_fit, needs_labels=cls.needs_labels)
+    return _class(name_or_cls).class_fit_needs()
 
 
 def build_detector(name: str, params: Mapping[str, Any] | None = None, classes: Sequence[str] | None = None,
@@ -77,6 +76,8 @@ def fit_problems(detector: Detector, *, features: bool, labels: bool, text_encod
     """
     needs = detector.fit_needs()
     problems = missing_fit_inputs(needs, features=features, labels=labels, text_encoder=text_encoder)
+    if needs.images and not features:
+        problems.append("ID fit images (the fit runs the network on them)")
     if needs.model and not classifier:
         problems.append("a classifier backbone with classifier_parts() (it runs the network itself)")
     return problems

@@ -74,6 +74,9 @@ class FitNeeds:
     model: bool = False
     #: Scores depend on the stream (``reset()`` between streams); not calibratable.
     adaptive: bool = False
+    #: The fit itself runs the network on ID images: ``fit(parts=backbone.classifier_parts(), images=...)``
+    #: with the preprocessed ID images (AdaSCALE, NAC-UE, EfficientAD).
+    images: bool = False
 
     def __or__(self, other: FitNeeds) -> FitNeeds:
         return FitNeeds(**{k: getattr(self, k) or getattr(other, k) for k in self.__dataclass_fields__})
@@ -85,6 +88,8 @@ class FitNeeds:
             parts.append("ID features" + (" + labels" if self.labels else ""))
         if self.classes or self.text_encoder:
             parts.append("class names + text encoder")
+        if self.images:
+            parts.append("ID images through the network")
         if self.model:
             parts.append("the classifier network")
         return " + ".join(parts) if parts else "nothing"

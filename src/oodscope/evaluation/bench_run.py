@@ -29,7 +29,7 @@ from oodscope.io import ImageSource, Subset
 
 #: SHE stores one pattern per *classifier* class and looks it up with argmax(logits): when the ID
 #: labels are not the classifier's classes, the classifier's own predictions are its labels.
-LABELS_FROM_CLASSIFIER = {"she"}
+LABELS_FROM_CLASSIFIER = {"she", "openmax"}
 
 
 
@@ -215,9 +215,14 @@ def _fit_run(ctx: RunContext, entry: BackboneEntry, name: str, detector: Any, fi
             and not labels_are_logit_classes(features, ctx.classes):
         labels = np.asarray(features.logits).argmax(axis=1)
         note = "fitted with the classifier's own predictions as labels (ID labels are not its classes)"
+    options = {}
+    if needs.images:  # AdaSCALE, NAC-UE: the fit runs the network on the ID fit images themselves
+        options = {"parts": entry.backbone.classifier_parts(),
+                   "images": _image_batches(entry, ctx.sets["id_fit"].source, fit_features.fit, ctx.cfg,
+                                            f"{entry.name} {name} fit")}
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        fit_detector(detector, features, labels, text_encoder=entry.backbone)
+        fit_detector(detector, features, labels, text_encoder=entry.backbone, **options)
     except Exception as err:  # noqa: BLE001 - recorded, the run goes on
         fail(name, "fit", _reason(err))
         return None
@@ -337,27 +342,31 @@ def _provided_fields(feature_set: FeatureSet) -> set[str]:
 
 def _score_with_model(run: _Run, entry, feature_sets, sets, cfg) -> None:
     """Model-in-the-loop scoring: re-decode the images that extraction read, preprocess, run the network."""
-    from tqdm.auto import tqdm
-
-    from oodscope.backbones.preprocess import preprocess
-
     parts = entry.backbone.classifier_parts()
     started, cpu_started = time.perf_counter(), time.process_time()
     for set_name, fs in feature_sets.items():
         if set_name == "id_fit":
             continue
-        source = Subset(sets[set_name].source, fs.extraction.indices)
-        out = []
-        with tqdm(total=len(source), unit="img", desc=f"{entry.name} {run.name} {set_name}",
-                  disable=not cfg.progress, dynamic_ncols=True) as bar:
-            for start in range(0, len(source), cfg.model_batch_size):
-                images = [source.load(i) for i in range(start, min(start + cfg.model_batch_size, len(source)))]
-                batch = preprocess(images, entry.backbone.input_spec, parts.device)
-                out.append(run.detector.score_images(parts, batch))
-                bar.update(len(images))
-        run.scores[set_name] = out
+        batches = _image_batches(entry, sets[set_name].source, fs, cfg, f"{entry.name} {run.name} {set_name}")
+        run.scores[set_name] = [run.detector.score_images(parts, batch) for batch in batches]
     run.score_seconds = time.perf_counter() - started
     run.score_cpu = time.process_time() - cpu_started
+
+
+def _image_batches(entry, source, feature_set: FeatureSet, cfg, description: str):
+    """The images that extraction read for ``feature_set`` (same rows), re-decoded and preprocessed for
+    the backbone's network, ``cfg.model_batch_size`` at a time, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from oodscope.backbones.preprocess import preprocess
+
+    rows = Subset(source, feature_set.extraction.indices)
+    device = getattr(entry.backbone, "device", "cpu")
+    with tqdm(total=len(rows), unit="img", desc=description, disable=not cfg.progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(rows), cfg.model_batch_size):
+            images = [rows.load(i) for i in range(start, min(start + cfg.model_batch_size, len(rows)))]
+            yield preprocess(images, entry.backbone.input_spec, device)
+            bar.update(len(images))
 
 
 def _finite_ranks(scores: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:

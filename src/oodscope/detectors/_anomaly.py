@@ -17,14 +17,16 @@ image sizes.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from oodscope.backbones.base import InputSpec
 from oodscope.detectors.base import Detector, DetectorError, FeatureInput, _rows, _slice_rows
-from oodscope.detectors.kinds import DetectorKind
+from oodscope.detectors.kinds import DetectorKind, FitNeeds
 
 
 class AnomalyDetector(Detector):
@@ -117,3 +119,96 @@ def grid_side(n_patches: int) -> int:
     if side * side != n_patches:
         raise DetectorError(f"{n_patches} patches do not form a square grid")
     return side
+
+
+class ImageAnomalyDetector(AnomalyDetector):
+    """An anomaly detector that trains its own networks on the images (EfficientAD), so it reads no
+    cached features: it is fitted with ``fit(parts=..., images=normal_images)`` and applied with
+    ``score_images(parts, images)`` / ``score_image_maps(parts, images)``, as the model-in-the-loop
+    kinds are (``fit_needs().model``; see :mod:`oodscope.detectors._model_based`).
+
+    ``images``: preprocessed (N, 3, H, W) batches (a tensor, an array or an iterable of them), as the
+    layer above prepares them for a backbone; ``parts``: the backbone's ``classifier_parts()`` or its
+    :class:`~oodscope.backbones.base.InputSpec` -- what tells the detector how the images were
+    normalised, so it can bring them back to [0, 1] pixels (``None``: they are [0, 1] pixels already).
+    Subclasses implement ``_fit_pixels(pixels)`` and ``_score_pixel_maps(pixels) -> (scores, maps)``
+    on float32 [0, 1] pixel batches.
+    """
+
+    requires: ClassVar[tuple[str, ...]] = ("model",)
+    #: The class needs no features (``kinds.needs_of_kind``); what it needs instead, the images through
+    #: ``score_images``, is the instance's ``fit_needs().model`` (an instance may add to its class's needs).
+    needs_fit: ClassVar[bool] = False
+    fit_options: ClassVar[tuple[str, ...]] = ("parts", "images")
+    #: Images per scoring forward pass.
+    image_batch_size: ClassVar[int] = 16
+
+    def fit_needs(self) -> FitNeeds:
+        return FitNeeds(model=True)
+
+    def _needs_images_message(self) -> str:
+        return (f"{self.name} trains its own networks on the images, so it cannot score cached Features: "
+                "call score_images(parts, images) or score_image_maps(parts, images) with the preprocessed "
+                "images (parts: the backbone's classifier_parts() or InputSpec)")
+
+    def score(self, features: FeatureInput) -> np.ndarray:
+        raise DetectorError(self._needs_images_message())
+
+    def score_maps(self, features: FeatureInput) -> tuple[np.ndarray, np.ndarray]:
+        raise DetectorError(self._needs_images_message())
+
+    def _fit_from(self, inputs: Any, labels: Any, *, parts: Any = None, images: Any = None, **_: Any) -> None:
+        if images is None:
+            raise DetectorError(f"{self.name} is fitted on normal images: call fit(parts=..., images=normal_images) "
+                                "with the preprocessed images (parts: the backbone's classifier_parts() or InputSpec)")
+        pixels = torch.cat(list(_pixel_batches(parts, images, 1 << 30, self.name)))
+        if len(pixels) == 0:
+            raise DetectorError(f"{self.name}: fit got no images")
+        with torch.enable_grad():  # Detector.fit runs under no_grad; this fit trains networks
+            self._fit_pixels(pixels)
+
+    def score_images(self, parts: Any, images: Any, *, batch_size: int | None = None) -> np.ndarray:
+        """Image anomaly scores (N,) float64, higher = more anomalous."""
+        return self.score_image_maps(parts, images, batch_size=batch_size)[0]
+
+    def score_image_maps(self, parts: Any, images: Any, *,
+                         batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) float64 and maps (N, h, w) float32 at the detector's grid (bring them to
+        image resolution with :func:`upsample_maps`)."""
+        if not self.is_fitted_:
+            raise DetectorError(f"{self.name}: call fit(parts=..., images=normal_images) before scoring")
+        scores, maps = [], []
+        with torch.no_grad():
+            for pixels in _pixel_batches(parts, images, int(batch_size or self.image_batch_size), self.name):
+                s, m = self._score_pixel_maps(pixels)
+                scores.append(s.detach().to("cpu", torch.float64))
+                maps.append(m.detach().to("cpu", torch.float32))
+        if not scores:
+            return np.zeros(0), np.zeros((0, 0, 0), np.float32)
+        return torch.cat(scores).numpy(), torch.cat(maps).numpy()
+
+    def _fit_pixels(self, pixels: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _score_pixel_maps(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _pixel_batches(parts: Any, images: Any, size: int, who: str) -> Iterator[torch.Tensor]:
+    """Batches of ``images`` as float32 [0, 1] pixels (N, 3, H, W), un-normalised by ``parts``' InputSpec."""
+    spec = getattr(parts, "input_spec", parts)
+    if spec is not None and not isinstance(spec, InputSpec):
+        raise DetectorError(f"{who}: parts must be ClassifierParts, an InputSpec or None, got {type(parts).__name__}")
+    if isinstance(images, np.ndarray | torch.Tensor):
+        images = [images]
+    for chunk in images:
+        t = chunk if torch.is_tensor(chunk) else torch.from_numpy(np.ascontiguousarray(chunk))
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise DetectorError(f"{who}: images must be a batch (N, 3, H, W), got shape {tuple(t.shape)}")
+        t = t.detach().to("cpu", torch.float32)
+        if not torch.isfinite(t).all():
+            raise DetectorError(f"{who}: images contain NaN or infinite values")
+        if spec is not None:
+            t = t * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
+        for start in range(0, len(t), size):
+            yield t[start:start + size].clamp(0.0, 1.0)

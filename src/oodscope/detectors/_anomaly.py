@@ -136,15 +136,14 @@ class ImageAnomalyDetector(AnomalyDetector):
     """
 
     requires: ClassVar[tuple[str, ...]] = ("model",)
-    #: The class needs no features (``kinds.needs_of_kind``); what it needs instead, the images through
-    #: ``score_images``, is the instance's ``fit_needs().model`` (an instance may add to its class's needs).
-    needs_fit: ClassVar[bool] = False
     fit_options: ClassVar[tuple[str, ...]] = ("parts", "images")
     #: Images per scoring forward pass.
     image_batch_size: ClassVar[int] = 16
 
-    def fit_needs(self) -> FitNeeds:
-        return FitNeeds(model=True)
+    @classmethod
+    def class_fit_needs(cls) -> FitNeeds:
+        # No features: the fit runs on the ID images themselves and scoring takes images (score_images).
+        return FitNeeds(model=True, images=True)
 
     def _needs_images_message(self) -> str:
         return (f"{self.name} trains its own networks on the images, so it cannot score cached Features: "

@@ -102,9 +102,12 @@ class StreamingGreedyCoreset:
         self.projection = projection
         self.rng = np.random.default_rng(seed)
         self.seen = 0
-        self._full: list[np.ndarray] = []  # chosen full features, one array per chunk
-        self._proj = np.zeros((0, 0), np.float32)  # chosen projected features (grows by chunk)
+        # The bank is allocated once at its final size (known from `total`) when the width is known,
+        # and picks are written in place: no growing copies, memory = the bank + one chunk.
+        self._full = np.zeros((0, 0), np.float32)  # chosen full features (target, D)
+        self._proj = np.zeros((0, 0), np.float32)  # their projections (target, d')
         self._proj_sq = np.zeros(0, np.float32)
+        self.size = 0
         self.indices: list[int] = []  # global patch indices of the picks, in pick order
         self.min_delta = math.inf
         self.radius_upper = 0.0
@@ -121,7 +124,8 @@ class StreamingGreedyCoreset:
         """Squared distance of each row of ``q`` to its nearest chosen point, in blocks of the bank."""
         best = np.full(len(q), np.inf, np.float32)
         t_best = torch.from_numpy(best)
-        bank, bank_sq = torch.from_numpy(self._proj), torch.from_numpy(self._proj_sq)
+        bank = torch.from_numpy(self._proj[: self.size])
+        bank_sq = torch.from_numpy(self._proj_sq[: self.size])
         block = max(1, DISTANCE_BLOCK // max(1, len(q)))
         buffer = np.empty(len(q) * min(block, len(bank)), np.float32)  # numpy-owned: tracemalloc sees it
         for b0 in range(0, len(bank), block):
@@ -179,17 +183,23 @@ class StreamingGreedyCoreset:
         self.radius_last = math.sqrt(max(0.0, float(mind.max())))
         self.radius_upper = max(self.radius_upper, self.radius_last)
         if picks:
+            if self.size == 0:
+                self._full = np.empty((self.target, x.shape[1]), np.float32)
+                self._proj = np.empty((self.target, q_np.shape[1]), np.float32)
+                self._proj_sq = np.empty(self.target, np.float32)
             rows = np.asarray(picks)
-            self._full.append(x[rows].copy())
-            self._proj = np.concatenate([self._proj.reshape(-1, q_np.shape[1]), q_np[rows]])
-            self._proj_sq = np.concatenate([self._proj_sq, q_sq_np[rows]])
+            end = self.size + len(rows)
+            np.take(x, rows, axis=0, out=self._full[self.size : end])
+            np.take(q_np, rows, axis=0, out=self._proj[self.size : end])
+            np.take(q_sq_np, rows, out=self._proj_sq[self.size : end])
+            self.size = end
             self.indices.extend(offset + p for p in picks)
 
     def bank(self) -> np.ndarray:
         """The chosen full features (M, D), in pick order."""
         if self.seen != self.total:
             raise ValueError(f"only {self.seen} of the announced {self.total} patches were streamed")
-        return np.concatenate(self._full) if self._full else np.zeros((0, 0), np.float32)
+        return self._full[: self.size]
 
     def certificate(self) -> Certificate:
         return Certificate(self.radius_upper, min(self.min_delta, self.radius_last) / 2.0)

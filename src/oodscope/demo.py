@@ -11,7 +11,10 @@
 3. Deployment: one calibrated model (KNN on EfficientNet-Lite0 features, conformal p-values at
    alpha = 0.05) fitted on ID images, calibrated on other ID images, scoring a mixed folder of ID,
    OOD and one corrupt file — the corrupt file is reported, everything else is scored.
-4. A self-contained HTML report with the tables, ROC curves and score histograms.
+4. Anomaly detection (:mod:`oodscope.cli.demo_anomaly`): PatchCore fitted on the good crops of the
+   offline ``synthetic-ad/brick`` category, scoring crops with synthetic defects: image AUROC, pixel
+   AUROC, AUPRO and a gallery of maps and masks (``anomaly=False`` skips it).
+5. A self-contained HTML report with the tables, ROC curves and score histograms.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _spread(source, n: int):
 
 
 def run_demo(output: str | Path = "oodscope-demo", *, per_class: int = 40, far: int = 200,
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, anomaly: bool = True) -> DemoResult:
     from oodscope.evaluation.bench import BenchConfig, OODSet, run_benchmark
     from oodscope.pipeline import OODModel
     from oodscope.reports.html import render_report
@@ -106,11 +109,20 @@ def run_demo(output: str | Path = "oodscope-demo", *, per_class: int = 40, far: 
     deployment = _deployment_summary(files, mixed, predictions, model)
     (output / "deployment.json").write_text(json.dumps(deployment, indent=2))
 
+    extra, anomaly_table = [], ""
+    if anomaly:
+        from oodscope.cli.demo_anomaly import DEMO_ANOMALY_CATEGORY, DEMO_ANOMALY_DETECTOR, run_anomaly_demo
+
+        say(f"[anomaly] {DEMO_ANOMALY_DETECTOR} fitted on good {DEMO_ANOMALY_CATEGORY} crops, scoring defective ones")
+        part = run_anomaly_demo(output / "anomaly", cache_dir=cache, progress=progress)
+        extra.append((f"Anomaly detection: {DEMO_ANOMALY_DETECTOR} on {DEMO_ANOMALY_CATEGORY}", part.html))
+        anomaly_table = "\n" + part.table
+
     say("[3/3] report")
     report = render_report(result.output, output / "report.html", title="oodscope demo: Fashion-MNIST-OOD",
                            sections=[("Deployment: a calibrated model scoring a mixed folder",
-                                      _deployment_html(deployment))])
-    table = (result.output / "results.md").read_text()
+                                      _deployment_html(deployment)), *extra])
+    table = (result.output / "results.md").read_text() + anomaly_table
     return DemoResult(output, report, table, deployment, time.perf_counter() - started)
 
 

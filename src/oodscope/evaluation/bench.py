@@ -174,6 +174,10 @@ def load_scores(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def run_benchmark(config: BenchConfig | Mapping[str, Any]) -> BenchResult:
     """Run the benchmark described by ``config`` and write its results (see the module docstring)."""
     cfg = config if isinstance(config, BenchConfig) else BenchConfig.from_dict(config)
+    if cfg.anomaly:  # anomaly mode: categories of good train / mixed test images, no ID / OOD sets
+        from oodscope.evaluation.bench_anomaly import run_anomaly_benchmark
+
+        return run_anomaly_benchmark(cfg)
     from oodscope.detectors import registered
 
     started_at = dt.datetime.now(dt.timezone.utc)

@@ -58,6 +58,18 @@ class BenchConfig:
         "flag": "--benchmark", "metavar": "NAME",
         "help": "a registered protocol, e.g. fashion-mnist-ood, openood-v1.5/cifar10, clip-zero-shot/imagenet-1k "
         "(fills --id, --id-fit, --ood, --classes)"})
+    #: Anomaly mode (``oodscope.evaluation.bench_anomaly``): categories to fit on good images and test.
+    anomaly: list[Any] = field(default_factory=list, metadata={
+        "flag": "--anomaly", "metavar": "CATEGORIES", "repeat": True,
+        "help": "anomaly mode (repeatable): a family (synthetic-ad, textiles-ad, mvtec-ad, visa, mpdd), "
+        "family/category, or an MVTec-layout folder; runs the anomaly detectors instead of --id/--ood"})
+    anomaly_gallery: int = field(default=4, metadata={
+        "flag": "--anomaly-gallery", "metavar": "N", "min": 0,
+        "help": "anomaly mode: the N highest- and N lowest-scoring test images per category and detector "
+        "saved with their maps and masks for the report"})
+    anomaly_eval_size: int | None = field(default=256, metadata={
+        "flag": "--anomaly-eval-size", "metavar": "PX", "min": 1,
+        "help": "anomaly mode: maps and masks compared at the image's size, the longer side at most PX"})
     classes: list[str] | None = field(default=None, metadata={
         "flag": "--classes", "metavar": "NAMES", "syntax": "names",
         "help": "ID class names for zero-shot detectors (default: the ID set's class names)"})
@@ -116,6 +128,8 @@ class BenchConfig:
         if isinstance(data.get("backbones"), str):
             data["backbones"] = [data["backbones"]]
         data["ood"] = [_ood_entry(o) for o in data.get("ood", []) or []]
+        if isinstance(data.get("anomaly"), str):
+            data["anomaly"] = [data["anomaly"]]
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,9 @@ and no external resource, so it opens offline and can be mailed or archived as o
 wrote (``results.json`` + ``scores/``) and adds, for every audit directory given (or found inside
 the results directory), the audit's tables (``audit.json`` / ``*.csv``) and plots (``*.png``). A
 directory with only an audit is reported too. Figures need matplotlib (extra ``plots``); without it
-the report has the tables and says so.
+the report has the tables and says so. A results directory of the bench's anomaly mode gets the
+anomaly section instead of the OOD results (:mod:`oodscope.reports.anomaly`: per-category tables and
+the gallery of maps and masks).
 
 The sections are built in :mod:`oodscope.reports.sections` (benchmark results) and
 :mod:`oodscope.reports.audits`; the HTML building blocks are in :mod:`oodscope.reports.markup`.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from oodscope.evaluation.tables import ranked_tables
 from oodscope.reports import plots
+from oodscope.reports.anomaly import anomaly_section, is_anomaly
 from oodscope.reports.audits import audit_section, find_audits
 from oodscope.reports.markup import CSS, escape
 from oodscope.reports.sections import (
@@ -73,6 +76,18 @@ def render_report(
                f"Python {escape(env.get('python', ''))} · torch {escape(env.get('torch', ''))} · "
                f"{escape(env.get('cpu_count', ''))} CPU(s)")
         body += [f"<h1>{escape(heading)}</h1>", f"<p class='meta'>{sub}</p>"]
+    if payload is not None and is_anomaly(payload):  # the bench's anomaly mode: tables + gallery
+        body += anomaly_section(results_dir, payload)
+        nav.append(("anomaly", "Anomaly"))
+        for i, (heading, fragment) in enumerate(sections):
+            body += [f"<h2 id='extra-{i}'>{escape(heading)}</h2>", fragment]
+            nav.append((f"extra-{i}", heading))
+        body += failures_section(payload)
+        if payload.get("failures"):
+            nav.append(("failures", "Not run"))
+        body += timings_section(payload) + datasets_section(payload) + config_section(payload)
+        nav += [("timings", "Time"), ("data", "Data"), ("config", "Configuration")]
+    elif payload is not None:
         ood_sets = [k for k, v in payload["datasets"].items() if v["role"] == "ood"]
         tables = ranked_tables(payload["results"], ood_sets)
         colours = report_colours(payload, tables) if plots.available() else None  # one per report

@@ -19,13 +19,15 @@ def register(sub) -> None:
     parser.add_argument("--per-class", type=int, default=40,
                         help="Fashion-MNIST images per class for fitting, calibrating and testing (default 40)")
     parser.add_argument("--far", type=int, default=200, help="images per far-OOD set (default 200)")
+    parser.add_argument("--no-anomaly", dest="anomaly", action="store_false",
+                        help="skip the anomaly part (PatchCore on the offline synthetic-ad/brick category)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from oodscope.demo import run_demo
 
-    result = run_demo(args.output, per_class=args.per_class, far=args.far)
+    result = run_demo(args.output, per_class=args.per_class, far=args.far, anomaly=args.anomaly)
     print()
     print(result.table)
     print("Deployment (KNN on EfficientNet-Lite0, conformal p-values, alpha = "

@@ -118,7 +118,14 @@ def main() -> None:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
     parser.add_argument("--csv", default=None, help="also write every row here")
     parser.add_argument("--no-speed", action="store_true", help="skip the forward-cost measurement")
+    parser.add_argument("--from-csv", default=None, help="print the tables of an earlier run's --csv file")
     args = parser.parse_args()
+    if args.from_csv:
+        rows, speed = read_csv(args.from_csv)
+        report(rows, {p: sorted({k for r in rows if r["protocol"] == p for k in r if k in SET_KINDS.get(p, ())},
+                                key=SET_KINDS.get(p, ()).index) for p in dict.fromkeys(r["protocol"] for r in rows)},
+               speed)
+        return
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     every = {k: int(v) for k, v in (item.split("=") for item in args.every.split(",") if item)}
     networks = args.networks.split(",")
@@ -170,22 +177,88 @@ def main() -> None:
                           f"all {row['all_avg'] * 100:5.1f} acc {accuracy * 100:5.1f}", flush=True)
             if network is not None and not args.no_speed and network_name not in speed:
                 speed[network_name] = forward_ms(network, network.input_spec.size)
-    report(rows, sets_by_protocol={p: protocol_sets(p, args.limit, every.get(p, 1))[0]
-                                   for p in args.protocols.split(",")},
-           speed=speed)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted({k for r in rows for k in r})
+        table = rows + [{"protocol": "speed", "network": n, "ms_per_image": ms} for n, ms in speed.items()]
+        keys = sorted({k for r in table for k in r})
         with open(args.csv, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(table)
+    report(rows, {p: [n for n in protocol_sets(p, args.limit, every.get(p, 1))[0] if n != "id"]
+                  for p in args.protocols.split(",")}, speed)
 
 
-def report(rows: list[dict], sets_by_protocol: dict, speed: dict[str, float]) -> None:
+#: OOD set names of each protocol, in table order (for --from-csv).
+SET_KINDS = {"fashion-mnist-ood": ("fashion_near", "digits", "textiles"),
+             "openclipart": ("food", "vehicles", "plants")}
+TEXT_KEYS = ("protocol", "network", "label_text", "detector")
+
+
+def read_csv(path: str) -> tuple[list[dict], dict[str, float]]:
+    rows, speed = [], {}
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            if r["protocol"] == "speed":
+                speed[r["network"]] = float(r["ms_per_image"])
+                continue
+            rows.append({k: (v if k in TEXT_KEYS else float(v) if v not in ("", None) else float("nan"))
+                         for k, v in r.items() if k != "ms_per_image"})
+    return rows, speed
+
+
+def mean_over(rows: list[dict], key: str) -> dict[str, float]:
+    """Mean 'all' AUROC average per value of ``key``, each protocol weighted equally."""
+    out: dict[str, float] = {}
+    for value in dict.fromkeys(r[key] for r in rows):
+        per_protocol = {}
+        for r in rows:
+            if r[key] == value:
+                per_protocol.setdefault(r["protocol"], []).append(r["all_avg"])
+        out[value] = float(np.mean([np.mean(v) for v in per_protocol.values()]))
+    return out
+
+
+def decisions(rows: list[dict], speed: dict[str, float]) -> None:
+    """The three choices, each by the mean 'all' AUROC over both protocols (equal weight) and every
+    other candidate dimension, in this order: label_vocabulary's weighting, ConSE's label text (over
+    the four methods, label_vocabulary at its chosen weighting), the backbone (at the chosen text)."""
+    pct = lambda v: f"{v * 100:.1f}"  # noqa: E731
+    lv = [r for r in rows if r["detector"].startswith("label_vocabulary")]
+    if not lv:
+        return
+    by_variant = mean_over(lv, "detector")
+    best_variant = max(by_variant, key=by_variant.get)
+    print("\n### Decision 1: label_vocabulary weighting (mean over protocols, backbones, label texts)\n")
+    print("| variant | mean all |\n|---|---|")
+    for name, v in sorted(by_variant.items(), key=lambda t: -t[1]):
+        print(f"| {name} | {pct(v)} |")
+    methods = [r for r in rows if not r["detector"].startswith("label_vocabulary") or r["detector"] == best_variant]
+    by_text = mean_over(methods, "label_text")
+    best_text = max(by_text, key=by_text.get)
+    print(f"\n### Decision 2: ConSE label text (mean over protocols, backbones and the methods; "
+          f"label_vocabulary = {best_variant})\n")
+    print("| label text | mean all | " + " | ".join(dict.fromkeys(r["detector"] for r in methods)) + " |")
+    print("|---" * (2 + len(dict.fromkeys(r["detector"] for r in methods))) + "|")
+    for text, v in sorted(by_text.items(), key=lambda t: -t[1]):
+        per = mean_over([r for r in methods if r["label_text"] == text], "detector")
+        print(f"| {text} | {pct(v)} | " + " | ".join(pct(x) for x in per.values()) + " |")
+    at_text = [r for r in methods if r["label_text"] == best_text]
+    by_network = mean_over(at_text, "network")
+    print(f"\n### Decision 3: backbone (label text {best_text}; mean over protocols and the methods)\n")
+    print("| backbone | mean all | " + " | ".join(dict.fromkeys(r["detector"] for r in at_text))
+          + " | ms / image |")
+    print("|---" * (3 + len(dict.fromkeys(r["detector"] for r in at_text))) + "|")
+    for network, v in sorted(by_network.items(), key=lambda t: -t[1]):
+        per = mean_over([r for r in at_text if r["network"] == network], "detector")
+        cost = speed.get(network)
+        print(f"| conse:{network} | {pct(v)} | " + " | ".join(pct(x) for x in per.values())
+              + f" | {'-' if cost is None else f'{cost:.1f}'} |")
+
+
+def report(rows: list[dict], sets_by_protocol: dict[str, list[str]], speed: dict[str, float]) -> None:
     pct = lambda v: f"{v * 100:.1f}" if v == v else "-"  # noqa: E731
-    for protocol, sets in sets_by_protocol.items():
-        ood = [n for n in sets if n != "id"]
+    for protocol, ood in sets_by_protocol.items():
         print(f"\n### {protocol}: AUROC % (higher is better)\n")
         print("| backbone | label text | detector | " + " | ".join(ood) + " | near | far | all | ID acc. | fit s |")
         print("|---" * (len(ood) + 8) + "|")
@@ -215,6 +288,7 @@ def report(rows: list[dict], sets_by_protocol: dict, speed: dict[str, float]) ->
         print("| network | ms / image |\n|---|---|")
         for name, ms in speed.items():
             print(f"| {name} | {ms:.1f} |")
+    decisions(rows, speed)
 
 
 if __name__ == "__main__":

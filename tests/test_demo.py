@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+from oodscope.backbones import DEFAULT_ZERO_SHOT_BACKBONE
 from oodscope.cli.main import main
 
 
@@ -21,7 +22,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "oodscope demo: caution: mahalanobis: fitted on 36 images" in errors
     assert "FitWarning" not in errors
     assert "`mahalanobis`: fitted on 36 images of 1280-d features" in printed  # the caution is in the table
-    for detector in ("msp", "energy", "vim", "knn", "mahalanobis", "mcm", "gda", "linear_probe"):
+    for detector in ("msp", "energy", "vim", "knn", "mahalanobis", "mcm", "label_vocabulary", "gda", "linear_probe"):
         assert f"\n| {detector} | " in printed  # a result row, not a "not run" row
     assert "## Not run" not in printed
     assert "unreadable: id/corrupt.png" in printed
@@ -31,7 +32,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     report = (out / "report.html").read_text()
     HTMLParser().feed(report)  # parses
     # One report: both backbones' results, then the deployment with the corrupt file named.
-    assert (report.index(">effnet-lite0</h3>") < report.index(">conse:effnet-lite0</h3>")
+    assert (report.index(">effnet-lite0</h3>") < report.index(f">{DEFAULT_ZERO_SHOT_BACKBONE}</h3>")
             < report.index("<h2 id='extra-0'>Deployment"))
     assert "unreadable: id/corrupt.png" in report and "data:image/png;base64," in report
     assert (out / "model").is_dir()

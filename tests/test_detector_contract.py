@@ -59,9 +59,6 @@ REQUIRED_PARAMS: dict[str, dict[str, Any]] = {
     # Not required, but NegLabel's official recipe keeps 15 % of each part of speech: of the fixture's
     # 13-word lexicon that is one noun, far from every image, whose ID mass saturates to 1. Keep them all.
     "neglabel": {"num_negatives": 1.0},
-    # Not required: with the fixture's 5 labels the default top_k=10 would mark every label related
-    # (constant scores); one nearest label per ID class leaves some labels as negatives.
-    "label_vocabulary": {"top_k": 1},
     "csp": {"num_negatives": 1.0},  # as NegLabel (same 15 % rule)
     "negrefine": {"num_negatives": 1.0},
     # Not required: the default CPU schedule (300 steps at 128 px) takes minutes; two steps at 64 px.

@@ -100,26 +100,33 @@ def feats(logits: np.ndarray) -> Features:
 
 # --------------------------------------------------------------------------- label_vocabulary
 @pytest.mark.parametrize("params", [
-    {"top_k": 1}, {"top_k": 2}, {"top_k": 5},
+    {"weighting": "top_k", "top_k": 1}, {"weighting": "top_k", "top_k": 2}, {"weighting": "top_k", "top_k": 5},
     {"weighting": "soft", "temperature": 0.05}, {"weighting": "soft", "temperature": 0.5},
 ])
 def test_label_vocabulary_matches_the_formula(params):
     det = fitted(**params)
-    expected = reference_score(LOGITS, params.get("weighting", "top_k"), params.get("top_k", 1),
+    expected = reference_score(LOGITS, params["weighting"], params.get("top_k", 1),
                                params.get("temperature", 0.05))
     np.testing.assert_allclose(det.score(feats(LOGITS)), expected, rtol=1e-6, atol=1e-9)
 
 
+def test_label_vocabulary_default_is_the_measured_soft_weighting():
+    det = create("label_vocabulary", classes=CLASSES)
+    assert (det.weighting, det.temperature) == ("soft", 0.05)
+    fitted_default = det.fit(text_encoder=TableEncoder(TABLE), cache=TextEmbeddingCache(), label_texts=LABELS)
+    np.testing.assert_allclose(fitted_default.score(feats(LOGITS)), reference_score(LOGITS, "soft"), rtol=1e-6)
+
+
 def test_label_vocabulary_hand_checked_case():
     # top_k=1: "cat" -> tabby, "car" -> sports car; lion, tree, lake are the negatives.
-    det = fitted(top_k=1)
+    det = fitted(weighting="top_k", top_k=1)
     np.testing.assert_array_equal(det.related_labels(), [1, 0, 1, 0, 0])
     p = np.exp(LOGITS[0].astype(np.float64)) / np.exp(LOGITS[0].astype(np.float64)).sum()
     assert det.score(feats(LOGITS[:1]))[0] == pytest.approx(-(p[0] + p[2]), rel=1e-9)
     scores = det.score(feats(LOGITS))
     assert scores[2] > scores[0] and scores[2] > scores[1]  # the landscape is the most OOD
     # all labels related: every image gets minus the whole mass, -1
-    np.testing.assert_allclose(fitted(top_k=5).score(feats(LOGITS)), -1.0)
+    np.testing.assert_allclose(fitted(weighting="top_k", top_k=5).score(feats(LOGITS)), -1.0)
 
 
 def test_more_mass_on_a_related_label_lowers_the_score():
@@ -131,7 +138,7 @@ def test_more_mass_on_a_related_label_lowers_the_score():
 
 
 def test_label_vocabulary_is_deterministic_and_saves(tmp_path):
-    a, b = fitted(top_k=2), fitted(top_k=2)
+    a, b = fitted(weighting="top_k", top_k=2), fitted(weighting="top_k", top_k=2)
     for key in a.state_:
         assert torch.equal(a.state_[key], b.state_[key])
     np.testing.assert_array_equal(a.score(feats(LOGITS)), b.score(feats(LOGITS)))
@@ -147,16 +154,17 @@ def test_label_vocabulary_uses_the_encoders_label_embeddings():
     class WithLabels(TableEncoder):
         label_embeddings = torch.from_numpy(enc.encode_texts(LABELS))
 
-    det = create("label_vocabulary", classes=CLASSES, top_k=1).fit(text_encoder=WithLabels(TABLE),
+    det = create("label_vocabulary", classes=CLASSES, weighting="top_k", top_k=1).fit(text_encoder=WithLabels(TABLE),
                                                                     cache=TextEmbeddingCache())
-    np.testing.assert_allclose(det.score(feats(LOGITS)), fitted(top_k=1).score(feats(LOGITS)), rtol=1e-6)
+    np.testing.assert_allclose(det.score(feats(LOGITS)), fitted(weighting="top_k", top_k=1).score(feats(LOGITS)),
+                               rtol=1e-6)
 
 
 def test_label_vocabulary_refuses_what_it_cannot_use():
     with pytest.raises(DetectorError, match="label texts|label_texts"):
         create("label_vocabulary", classes=CLASSES).fit(text_encoder=TableEncoder(TABLE), cache=TextEmbeddingCache())
     with pytest.raises(DetectorError, match="logits"):
-        fitted(top_k=1).score(feats(LOGITS[:, :4]))
+        fitted(weighting="top_k", top_k=1).score(feats(LOGITS[:, :4]))
     for bad in ({"weighting": "hard"}, {"top_k": 0}, {"temperature": 0.0}):
         with pytest.raises(DetectorError):
             create("label_vocabulary", classes=CLASSES, **bad)
@@ -298,8 +306,8 @@ def test_openclipart_benchmark_sets():
 def test_spec_strings_name_the_options():
     from oodscope.backbones import create as create_backbone
 
-    glossed = create_backbone("conse:effnet-lite0?text=lemmas+gloss", device="cpu")
-    assert glossed.label_text == "lemmas+gloss" and glossed.id == "conse:effnet-lite0?text=lemmas+gloss"
+    glossed = create_backbone("conse:effnet-lite0?text=lemmas+hypernyms", device="cpu")
+    assert glossed.label_text == "lemmas+hypernyms" and glossed.id == "conse:effnet-lite0?text=lemmas+hypernyms"
     assert create_backbone(glossed.id, device="cpu").id == glossed.id  # the id is a spec again
     ensemble = create_backbone("conse:effnet-lite0+effnet-lite2", device="cpu")
     assert isinstance(ensemble.classifier, ClassifierEnsemble)
@@ -311,7 +319,7 @@ def test_conse_variants_share_the_text_cache_of_their_sentence_encoder():
 
     encoder = TableEncoder(TABLE)
     a = ConSE(_Classifier(), encoder)
-    b = ConSE(_Classifier(), encoder, label_text="lemmas+gloss")
+    b = ConSE(_Classifier(), encoder, label_text="lemmas+hypernyms")
     assert a.id != b.id and encoder_key(a) == encoder_key(b) == encoder_key(encoder)
     cache = TextEmbeddingCache()
     cache.encode(a, ["a photo of a cat."])

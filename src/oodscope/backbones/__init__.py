@@ -13,7 +13,7 @@ Options may follow the spec after ``?`` (``&`` between them): ``dense`` asks for
 (``effnet-lite0@96?dense`` = the default layers, ``effnet-lite0?dense=stage3,stage5``,
 ``hf:...?dense=value_path,tokens``, ``conse:effnet-lite0?dense=conse,stage3``; see
 :mod:`oodscope.backbones.dense`), ``resize`` the preprocessing geometry (``stretch``,
-``shorter_center_crop``, ``letterbox``), ``text`` ConSE's label text (``conse:effnet-lite0?text=lemmas+gloss``,
+``shorter_center_crop``, ``letterbox``), ``text`` ConSE's label text (``conse:effnet-lite0?text=lemmas``,
 :data:`oodscope.backbones.conse.LABEL_TEXTS`). They win over the same keyword options of :func:`create`.
 
 A user's own PyTorch classifier is wrapped with :class:`TorchClassifier` in Python.
@@ -36,6 +36,11 @@ from oodscope.backbones.base import (
     is_vision_language,
     l2_normalize,
 )
+
+#: The packaged offline zero-shot backbone that commands, the demo and the zero-shot API use by default:
+#: chosen by benchmarks/zero_shot_default.py on two offline protocols (docs/zero_shot.md), about 1.3x
+#: the forward cost of conse:effnet-lite0.
+DEFAULT_ZERO_SHOT_BACKBONE = "conse:effnet-lite1"
 
 _EFFNET = re.compile(r"^effnet-lite([0-4])(?:@(\d+))?$")
 #: Options a spec may carry after "?" -> the keyword option of the backbone constructors.
@@ -184,6 +189,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DEFAULT_ZERO_SHOT_BACKBONE",
     "Backbone",
     "BackboneInfo",
     "ClassifierParts",

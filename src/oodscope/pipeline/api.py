@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from oodscope.backbones import DEFAULT_ZERO_SHOT_BACKBONE
 from oodscope.calibration import Threshold
 from oodscope.detectors import registered
 from oodscope.detectors.fitting import class_needs
@@ -82,7 +83,7 @@ class ZeroShotDetector(_Wrapper):
 
     Example::
 
-        det = ZeroShotDetector("conse:effnet-lite0", classes=["dress", "sandal", "bag"])
+        det = ZeroShotDetector("conse:effnet-lite1", classes=["dress", "sandal", "bag"])
         det.fit(calibration="id_photos/")          # held-out ID images; nothing is trained on them
         preds = det.predict("incoming/")           # p-values, OOD at alpha, class, prediction set
     """
@@ -91,7 +92,7 @@ class ZeroShotDetector(_Wrapper):
 
     def __init__(
         self,
-        backbone: Any = "conse:effnet-lite0",
+        backbone: Any = DEFAULT_ZERO_SHOT_BACKBONE,
         classes: list[str] | None = None,
         method: str = "mcm",
         *,

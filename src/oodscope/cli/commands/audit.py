@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from oodscope.backbones import DEFAULT_ZERO_SHOT_BACKBONE
 from oodscope.cli.commands._common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
@@ -50,7 +51,7 @@ def register(sub) -> None:
     audits = parser.add_subparsers(dest="audit", metavar="AUDIT")
 
     prompts = audits.add_parser("prompts", help="AUROC spread of a zero-shot detector across prompt phrasings")
-    _common_options(prompts, default_backbone="conse:effnet-lite0")
+    _common_options(prompts, default_backbone=DEFAULT_ZERO_SHOT_BACKBONE)
     prompts.add_argument("--method", default="mcm", help="zero-shot detector (default mcm)")
     prompts.add_argument("--domain", default=None,
                          help="domain word for context prompts, e.g. clothing ('a photo of a {}, a type of clothing.')")
@@ -62,7 +63,7 @@ def register(sub) -> None:
     prompts.set_defaults(func=run_prompts)
 
     corr = audits.add_parser("corruptions", help="AUROC of detectors as images are corrupted (ImageNet-C style)")
-    _common_options(corr, default_backbone="conse:effnet-lite0")
+    _common_options(corr, default_backbone=DEFAULT_ZERO_SHOT_BACKBONE)
     corr.add_argument("--method", "--detectors", dest="detectors", default="mcm",
                       help="comma-separated detectors (default mcm); feature-space ones need --fit")
     corr.add_argument("--params", default=None,

@@ -283,3 +283,16 @@ def test_kl_matching_matches_openood() -> None:
     exact(got, kl.min(1))
     # The nearest template is not always the predicted class's: the test tells the two apart.
     assert np.any(kl.argmin(1) != p.argmax(1))
+
+
+@pytest.mark.parametrize("alpha", [1e-4, 0.1])
+def test_nci_matches_openood(alpha: float) -> None:
+    """Exact: ``openood/postprocessors/nci_postprocessor.py`` (nci.yml: alpha = 1e-4) — conf =
+    <w_pred, z - mu> / ||z - mu|| + alpha ||z||_1, with the raw (unnormalised) weight row of the
+    predicted class and mu the mean ID training feature."""
+    x = make(14, d=16)
+    mu = x["pen_fit"].mean(0)
+    z = x["pen_test"]
+    pred = (z @ x["w"].T + x["b"]).argmax(1)
+    conf = (x["w"][pred] * (z - mu)).sum(1) / np.linalg.norm(z - mu, axis=1) + alpha * np.abs(z).sum(1)
+    exact(ours("nci", x, alpha=alpha), -conf)

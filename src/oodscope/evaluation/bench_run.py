@@ -19,6 +19,7 @@ import numpy as np
 from oodscope.backbones.base import Features, is_vision_language
 from oodscope.detectors import DetectorError, create
 from oodscope.detectors.fitting import fit_detector, fit_problems, planned_params
+from oodscope.detectors.kinds import DetectorKind
 from oodscope.evaluation.bench_accuracy import accuracy, id_predictor, labels_are_logit_classes, own_predictions
 from oodscope.evaluation.bench_config import BenchConfig
 from oodscope.evaluation.metrics import ood_metrics
@@ -162,6 +163,10 @@ def _plan_detectors(ctx: RunContext, entry: BackboneEntry, names: list[str], fea
             detector = create(name, preset=ctx.cfg.preset, **params)
         except Exception as err:  # noqa: BLE001 - a constructor's value check; recorded, the run goes on
             fail(name, "create", _reason(err))
+            continue
+        if type(detector).kind is DetectorKind.ANOMALY:
+            fail(name, "skipped", "image anomaly method (scores and pixel maps on normal/defective images): "
+                 "run it with --anomaly CATEGORY")
             continue
         lacking = [r for r in detector.fields() if r != "model" and r not in provided]
         if lacking:

@@ -14,10 +14,12 @@ oodscope dependency and none of the detector code below calls it, so ``ptood`` i
 with throw-away ``torchvision`` modules in ``sys.modules`` and removes them right after the import.
 
 Compared: MSP, MaxLogit, Energy, Entropy, GEN, KL matching, ASH-P/B/S, SCALE, ReAct, DICE, ViM,
-Mahalanobis, RMD, KNN, SHE, NNGuide, fDBD, NCI, pNML, OpenMax. Where the two differ by a monotone
+Mahalanobis, RMD, KNN, SHE, NNGuide, fDBD, NCI, pNML, OpenMax, and ODIN through the network (32 of
+the test images, a second backbone instance: the first one's network was built inside extraction's
+``torch.inference_mode`` and cannot be backpropagated through). Where the two differ by a monotone
 transform the test says so (GEN: mean instead of sum; Mahalanobis / RMD: covariance not divided by N).
 
-Not compared (reason): ODIN, GradNorm, RankFeat, Gram, NAC-UE, Mahalanobis+ODIN, MC dropout (MCD),
+Not compared (reason): GradNorm, RankFeat, Gram, NAC-UE, Mahalanobis+ODIN, MC dropout (MCD),
 MultiMahalanobis (pytorch-ood runs them through an ``nn.Module`` end to end on images; oodscope's are
 checked against ports of the official code in tests/test_detectors_model_*.py); MCM (zero-shot, needs
 a text encoder); GMM (different models: pytorch-ood one Gaussian per class with its own covariance,
@@ -116,6 +118,8 @@ class Real:
     fit_pred: torch.Tensor  # predicted sub-head class 0..K-1
     test: dict[str, torch.Tensor]
     head: torch.nn.Linear
+    parts: object  # ClassifierParts of the backbone with the sub-head
+    images: torch.Tensor  # 16 ID + 16 OOD test images, normalized (for the methods run through the network)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +151,7 @@ def real(effnet_lite0) -> Real:
     with torch.no_grad():
         head.weight.copy_(w_full[keep])
         head.bias.copy_(b_full[keep])
-    head.requires_grad_(False)
+    head.requires_grad_(False).eval()
 
     # embedding: the 64 units of largest variance on the fit images, where 150 images give a full-rank
     # covariance (Mahalanobis, RMD); on all 1280 units (or units that are almost constant) the covariance
@@ -158,11 +162,25 @@ def real(effnet_lite0) -> Real:
         return {"penultimate": pen, "embedding": pen[:, units].contiguous(), "logits": head(pen),
                 "weight": head.weight.clone(), "bias": head.bias.clone()}
 
+    from dataclasses import replace
+
+    from oodscope.backbones.preprocess import normalize_batch, prepare_pixels
+
+    def pixels(source, rows) -> np.ndarray:
+        return np.stack([prepare_pixels(source.decode(i, source.read(i)), backbone.input_spec) for i in rows])
+
+    images = normalize_batch(np.concatenate([pixels(test.id, range(0, 60, 4)), pixels(ood, range(16))]),
+                             backbone.input_spec).contiguous()
+    # A second instance for gradients: the first one's network was built inside extraction's
+    # torch.inference_mode, and inference tensors cannot be saved for backward.
+    network_backbone = create_backbone("effnet-lite0@112", device="cpu")
+    parts = replace(network_backbone.classifier_parts(), head=head, network=None, layers=None)
+
     fit_fields = fields(pen_fit)
     pred = fit_fields["logits"].argmax(1)
     assert len(torch.unique(pred)) == K_CLASSES, "some sub-head class is never predicted on the fit images"
     return Real(fit=fit_fields, fit_labels=torch.as_tensor(fit.labels, dtype=torch.int64), fit_pred=pred,
-                test=fields(pen_test), head=head)
+                test=fields(pen_test), head=head, parts=parts, images=images)
 
 
 def ours(name: str, real: Real, labels: torch.Tensor | None = None, **params) -> np.ndarray:
@@ -321,3 +339,28 @@ def test_openmax_equal(ptood, real: Real) -> None:
     ref.fit_logits(real.fit["logits"], real.fit_pred)
     got = ours("openmax", real, labels=real.fit_pred, tailsize=20, alpha=1)
     assert_exact(got, ref.predict_logits(real.test["logits"]))
+
+
+# --------------------------------------------------------------------------- through the network
+class _Network(torch.nn.Module):
+    """The classifier as one module (feature map -> pool -> sub-head), what pytorch-ood backpropagates."""
+
+    def __init__(self, parts) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts.head(self.parts.pool(self.parts.feature_map(x)))
+
+
+@pytest.mark.parametrize(("temperature", "epsilon"), [(1000.0, 0.0014), (1.0, 0.004)])
+def test_odin_equal(ptood, real: Real, temperature: float, epsilon: float) -> None:
+    # Both step eps * sign(grad) / std in normalized space (std from the backbone's input spec).
+    ref = ptood.ODIN(_Network(real.parts), eps=epsilon, temperature=temperature,
+                     norm_std=list(real.parts.input_spec.std)).predict(real.images)
+    got = create("odin", temperature=temperature, epsilon=epsilon).score_images(real.parts, real.images)
+    assert_exact(got, ref, rtol=1e-5)
+    assert_ranked(got, ref)
+    # The perturbation matters at this tolerance, so the comparison covers the gradient step.
+    plain = create("odin", temperature=temperature, epsilon=0.0).score_images(real.parts, real.images)
+    assert np.abs(plain - got).max() > 100 * 1e-5 * np.abs(got).max()

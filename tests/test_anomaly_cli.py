@@ -286,3 +286,12 @@ def test_patchcore_from_the_command_line_localises_the_defects(folders, tmp_path
     bad = [v for s, v in scores.items() if s.startswith("bad")]
     good = [v for s, v in scores.items() if s.startswith("ok")]
     assert min(bad) > max(good)  # measured: 37.9-43.0 against 24.3-26.3
+
+
+def test_image_level_method_gives_scores_but_refuses_maps(folders):
+    """Gaussian AD scores the pooled image (``pixel_maps = False``): its 1 x 1 "map" is not written as a map."""
+    root, _ = folders
+    model = OODModel(BACKBONE, "gaussian_ad", alpha=0.2, progress=False, num_workers=0).fit(root / "good")
+    assert np.isfinite(model.predict(root / "test").scores).all()
+    with pytest.raises(ValueError, match="image-level anomaly method"):
+        model.score_maps(root / "test")

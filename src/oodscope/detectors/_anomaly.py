@@ -35,6 +35,9 @@ class AnomalyDetector(Detector):
     kind: ClassVar[DetectorKind] = DetectorKind.ANOMALY
     requires: ClassVar[tuple[str, ...]] = ("dense",)
     needs_fit: ClassVar[bool] = True
+    #: False for image-level methods whose "map" is one cell per image (Gaussian AD): no pixel metrics,
+    #: no ``--maps`` files.
+    pixel_maps: ClassVar[bool] = True
     #: Images per scoring chunk (a chunk holds its dense maps and their distance matrices).
     score_batch_size: ClassVar[int] = 32
 

@@ -244,7 +244,7 @@ def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
                     continue
                 timings.append(_timing(spec, "fit", fit_s, name, f"{cat.name}/train"))
                 timings.append(_timing(spec, "score", score_s, name, f"{cat.name}/test"))
-                has_maps = bool(getattr(type(det), "pixel_maps", True))
+                has_maps = type(det).pixel_maps
                 maps = _image_maps(grid, backbone.input_spec, sizes) if has_maps else None
                 row = {"backbone": spec, "detector": name, "category": cat.name, "family": cat.family,
                        "n_train": len(feats["train"].indices), "n_test": len(labels),

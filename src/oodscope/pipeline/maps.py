@@ -47,6 +47,9 @@ def require_maps(model: OODModel) -> None:
     if not isinstance(model.detector_, AnomalyDetector):
         raise OODModelError(f"{model.method} ({model.kind.label}) gives image scores only, no anomaly maps: maps "
                             "need an image anomaly method (`oodscope detectors` lists them with kind anomaly)")
+    if not type(model.detector_).pixel_maps:
+        raise OODModelError(f"{model.method} is an image-level anomaly method (it scores the pooled image and does "
+                            "not localise): it gives image scores only, no anomaly maps; padim or patchcore give maps")
 
 
 def _frame(spec: InputSpec, n_out: int, other: int, axis_is_width: bool) -> tuple[float, float, bool]:

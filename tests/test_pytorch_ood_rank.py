@@ -2,8 +2,9 @@
 
 Both libraries score higher = more OOD. For every method both have, the two score vectors on the
 same real features (Fashion-MNIST ID, scikit-learn digits OOD, through oodscope's own extraction at
-112 px) must be equal (``EXACT``, to float32 round-off) or order the images identically (``RANKED``:
-Spearman = 1 and identical ranks; the reason for the monotone transform is in the table).
+112 px) must be equal (``assert_exact``: to float32 round-off) or, where pytorch-ood applies a
+monotone transform, equal after undoing it (the test names it) and with identical ranks
+(``assert_ranked``: Spearman = 1, identical rank vectors).
 
 The head is a 20-class sub-head of the ImageNet classifier (the ImageNet classes the fit images are
 most often predicted as), so that label-based methods (SHE, OpenMax) see every class predicted
@@ -14,19 +15,21 @@ oodscope dependency and none of the detector code below calls it, so ``ptood`` i
 with throw-away ``torchvision`` modules in ``sys.modules`` and removes them right after the import.
 
 Compared: MSP, MaxLogit, Energy, Entropy, GEN, KL matching, ASH-P/B/S, SCALE, ReAct, DICE, ViM,
-Mahalanobis, RMD, KNN, SHE, NNGuide, fDBD, NCI, pNML, OpenMax, and ODIN through the network (32 of
-the test images, a second backbone instance: the first one's network was built inside extraction's
-``torch.inference_mode`` and cannot be backpropagated through). Where the two differ by a monotone
-transform the test says so (GEN: mean instead of sum; Mahalanobis / RMD: covariance not divided by N).
+Mahalanobis, RMD, KNN, SHE, NNGuide, fDBD, NCI, pNML, OpenMax, and through the network ODIN,
+GradNorm and RankFeat (16 or 32 of the test images, on a second backbone instance: the first one's
+network was built inside extraction's ``torch.inference_mode`` and cannot be backpropagated through).
+Transforms: GEN (mean instead of sum: x M), Mahalanobis / RMD (covariance not divided by N: x 2N,
+x N), GradNorm (mean instead of sum over the classes: x C), KNN (ranks only).
 
-Not compared (reason): GradNorm, RankFeat, Gram, NAC-UE, Mahalanobis+ODIN, MC dropout (MCD),
-MultiMahalanobis (pytorch-ood runs them through an ``nn.Module`` end to end on images; oodscope's are
-checked against ports of the official code in tests/test_detectors_model_*.py); MCM (zero-shot, needs
-a text encoder); GMM (different models: pytorch-ood one Gaussian per class with its own covariance,
-oodscope a scikit-learn mixture on PCA features); VRA (pytorch-ood 0.4's VRA clips activations to a
-[lower, upper] percentile band, oodscope's ``vra`` is the paper's VRA/VRA+ with its own percentiles);
-LTS, WeightedEBO, GradUncertainty, TemperatureScaling (no oodscope method of the same definition).
-oodscope's WeiPer, ViM-residual, Relation, AdaSCALE, NCI's variants have no pytorch-ood counterpart.
+Not compared (reason): Gram, NAC-UE, Mahalanobis+ODIN, MultiMahalanobis (pytorch-ood fits them from a
+data loader through an ``nn.Module``; oodscope's are checked against ports of the official code in
+tests/test_detectors_model_*.py); MC dropout (the dropout masks come from different random streams:
+oodscope draws one seeded mask per pass, pytorch-ood the global RNG); MCM (zero-shot, needs a text
+encoder); GMM (different models: pytorch-ood one Gaussian per class with its own covariance, oodscope
+a scikit-learn mixture on PCA features); VRA (pytorch-ood 0.4's VRA clips activations to a
+[lower, upper] percentile band, oodscope's ``vra`` is the paper's VRA/VRA+); LTS, WeightedEBO,
+GradUncertainty, TemperatureScaling (no oodscope method of the same definition). oodscope's WeiPer,
+ViM-residual, Relation and AdaSCALE have no pytorch-ood counterpart.
 """
 
 from __future__ import annotations
@@ -348,19 +351,43 @@ class _Network(torch.nn.Module):
     def __init__(self, parts) -> None:
         super().__init__()
         self.parts = parts
+        self.head = parts.head  # a sub-module, so that its weight is a named parameter ("head.weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parts.head(self.parts.pool(self.parts.feature_map(x)))
+        return self.head(self.parts.pool(self.parts.feature_map(x)))
 
 
 @pytest.mark.parametrize(("temperature", "epsilon"), [(1000.0, 0.0014), (1.0, 0.004)])
 def test_odin_equal(ptood, real: Real, temperature: float, epsilon: float) -> None:
     # Both step eps * sign(grad) / std in normalized space (std from the backbone's input spec).
+    images = real.images[::2]  # 8 ID + 8 OOD: forward + backward twice per library
     ref = ptood.ODIN(_Network(real.parts), eps=epsilon, temperature=temperature,
-                     norm_std=list(real.parts.input_spec.std)).predict(real.images)
-    got = create("odin", temperature=temperature, epsilon=epsilon).score_images(real.parts, real.images)
+                     norm_std=list(real.parts.input_spec.std)).predict(images)
+    got = create("odin", temperature=temperature, epsilon=epsilon).score_images(real.parts, images)
     assert_exact(got, ref, rtol=1e-5)
     assert_ranked(got, ref)
     # The perturbation matters at this tolerance, so the comparison covers the gradient step.
-    plain = create("odin", temperature=temperature, epsilon=0.0).score_images(real.parts, real.images)
+    plain = create("odin", temperature=temperature, epsilon=0.0).score_images(real.parts, images)
     assert np.abs(plain - got).max() > 100 * 1e-5 * np.abs(got).max()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gradnorm_equal(ptood, real: Real, temperature: float) -> None:
+    # pytorch-ood backpropagates per image (torch.func) to the head weight; oodscope uses the closed form
+    # ||C p - 1||_1 ||h||_1 / T. pytorch-ood averages the uniform cross-entropy over the classes where
+    # the official code sums: a factor C.
+    images = real.images[::2]
+    with torch.enable_grad():
+        ref = ptood.GradNorm(_Network(real.parts), param_filter=lambda name: name == "head.weight",
+                             temperature=temperature).predict(images)
+    got = create("gradnorm", temperature=temperature).score_images(real.parts, images)
+    assert_exact(got, K_CLASSES * ref)
+
+
+def test_rankfeat_equal(ptood, real: Real) -> None:
+    # Both remove the rank-1 part of each (C, H*W) feature map (full SVD) and score the energy.
+    ref = ptood.RankFeat(backbone=None, head=lambda maps: real.parts.head(real.parts.pool(maps)))
+    with torch.no_grad():
+        ref = ref.predict_feature_maps(real.parts.feature_map(real.images))
+    got = create("rankfeat", method="svd").score_images(real.parts, real.images)
+    assert_exact(got, ref)

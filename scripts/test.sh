@@ -6,7 +6,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 # What the service tests run against: a PostgreSQL server they start themselves, headless Chromium.
-debian_packages postgresql chromium chromium-driver
+debian_packages postgresql chromium chromium-driver openclipart-png  # + the openclipart zero-shot set
 # pytorch-ood for tests/test_pytorch_ood_rank.py: without its dependencies (torchvision would replace the
 # pinned torch; the test stands in for torchvision at import, none of the detector code calls it).
 python -c "import pytorch_ood" 2>/dev/null || python -m pip install -q --no-deps "pytorch-ood==0.4.0"

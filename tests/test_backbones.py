@@ -316,3 +316,18 @@ def test_conse_label_embeddings_are_cached_on_disk(tmp_path, monkeypatch):
     other = ConSE(tiny_classifier(), CountingEncoder(), label_template="a photo of a {}.").label_embeddings
     assert other.shape == (1000, 8)
     assert CountingEncoder.calls == 2  # other texts, other key
+
+
+def test_gradient_methods_run_on_a_backbone_first_used_by_extraction():
+    """Extraction builds the network inside inference_mode; ODIN on the same instance must still
+    backpropagate (regression: the weights were inference tensors)."""
+    from oodscope.backbones.efficientnet import EfficientNetLite
+    from oodscope.detectors import create
+
+    backbone = EfficientNetLite(0, device="cpu", image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        backbone.encode_images(x)
+    perturbed = create("odin", temperature=1.0, epsilon=0.01).score_images(backbone.classifier_parts(), x)
+    plain = create("odin", temperature=1.0, epsilon=0.0).score_images(backbone.classifier_parts(), x)
+    assert np.isfinite(perturbed).all() and not np.allclose(perturbed, plain)

@@ -115,6 +115,13 @@ class EfficientNetLite:
     # ------------------------------------------------------------------ model
     @cached_property
     def model(self) -> torch.nn.Module:
+        # Built outside inference mode even when first touched inside extraction's inference_mode: its
+        # weights would otherwise be inference tensors, which gradient methods (ODIN, GradNorm, ...) on
+        # the same backbone instance cannot backpropagate through.
+        with torch.inference_mode(False):
+            return self._build_model()
+
+    def _build_model(self) -> torch.nn.Module:
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:  # pragma: no cover - depends on the environment

@@ -311,3 +311,36 @@ def test_winclip_few_shot_on_the_packaged_conse_grid(brick):
     det = create("winclip", object_name="brick", k_shot=4).fit(train, text_encoder=backbone)
     auroc = roc_auc_score(brick.test.labels, det.score(test))
     assert auroc > 0.8, auroc  # measured 0.97 (zero-shot alone: 0.64, ConSE's text space is coarse)
+
+
+def test_winclip_on_a_tiny_random_hf_clip(tmp_path):
+    """The dense value-path grid and the image embedding of an HF CLIP (random, 4 x 4 patches) are what
+    WinCLIP reads by default; the texts come from a stand-in encoder of the same (projection) width, as
+    the tiny model has no tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from oodscope.backbones import create as create_backbone
+
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "clip")
+    backbone = create_backbone(f"hf:{tmp_path / 'clip'}?dense", device="cpu")
+    images = torch.randn(5, 3, 32, 32)
+    feats = backbone.encode_images(images)
+    assert feats.dense["value_path"].shape == (5, 16, 4, 4)
+    det = create("winclip", object_name="screw", k_shot=2).fit(feats.subset(np.arange(3)),
+                                                               text_encoder=StateEncoder(16))
+    assert det.fit_info_["layer"] == "value_path"
+    scores, maps = det.score_maps(feats.subset(np.arange(3, 5)))
+    assert scores.shape == (2,) and maps.shape == (2, 4, 4) and np.isfinite(maps).all()
+    # a reference image itself: its few-shot association is 0 everywhere, so it scores lower
+    ref = det.fit_info_["reference_rows"][0]
+    own = det.score_maps(feats.subset(np.array([ref])))[1]
+    assert own.max() < maps.max()

@@ -119,3 +119,21 @@ def test_demo_anomaly_part_runs(tmp_path, monkeypatch):
                             gallery=1, progress=False)
     assert "| patchcore |" in part.table and "## Not run" not in part.table
     assert "pixel AUROC" in part.html and part.html.count("data:image/png;base64,") == 6  # 2 x image/overlay/mask
+
+
+def test_text_methods_get_the_backbone_as_text_encoder_and_the_object_name(category, tmp_path):
+    """WinCLIP+ on the packaged ConSE backbone's patch grid (4 x 4 at 128 px): fitted with the backbone as
+    its text encoder, its state prompts naming the category's object ("brick")."""
+    from oodscope.evaluation.bench_anomaly import object_name
+
+    assert [object_name(c) for c in ("synthetic-ad/brick", "mvtec-ad/metal_nut", "textiles-ad")] == [
+        "brick", "metal nut", "textiles"]
+    out = tmp_path / "run"
+    rc = main(["bench", "--anomaly", str(category), "--backbone", "conse:effnet-lite0@128?dense=conse",
+               "--detectors", "winclip", "--params", '{"winclip": {"k_shot": 2}}', "--anomaly-gallery", "0",
+               "--cache", str(tmp_path / "cache"), "-o", str(out), "--quiet"])
+    assert rc == 0, (out / "failures.csv").read_text() if (out / "failures.csv").exists() else rc
+    row = _rows(out)["winclip"]
+    assert 0.0 <= float(row["image_auroc"]) <= 1.0 and float(row["pixel_auroc"]) > 0.0
+    params = json.loads((out / "results.json").read_text())
+    assert "brick" in json.dumps(params)

@@ -64,6 +64,13 @@ class AnomalyCategory:
     test: Any
 
 
+def object_name(category: str) -> str:
+    """The object a category shows, in words, for prompts: ``synthetic-ad/brick`` -> ``brick``,
+    ``mvtec-ad/metal_nut`` -> ``metal nut``, ``textiles-ad`` -> ``textiles``."""
+    last = category.rstrip("/").split("/")[-1]
+    return last.removesuffix("-ad").replace("_", " ").replace("-", " ")
+
+
 def anomaly_categories_of(entries: Sequence[Any]) -> list[AnomalyCategory]:
     """The categories named by ``config.anomaly`` (see the module docstring); unknown names raise."""
     from oodscope.io.registry import anomaly_categories
@@ -164,8 +171,9 @@ def _masks(source: ImageSource, labels: np.ndarray, sizes: list[tuple[int, int]]
 # ============================================================================ the run
 def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
     """Run the anomaly mode of ``cfg`` (see the module docstring); returns a ``BenchResult``."""
-    from oodscope.backbones import create
+    from oodscope.backbones import create, is_vision_language
     from oodscope.detectors import registered
+    from oodscope.detectors.base import parameters
     from oodscope.detectors.fitting import build_detector, fit_detector
     from oodscope.evaluation.bench import BenchResult, _Log
     from oodscope.features.extract import extract
@@ -230,10 +238,14 @@ def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
             sizes = [eval_size(_image_size(test_kept, i), cfg.anomaly_eval_size) for i in range(len(test_kept))]
             masks, no_mask_reason = _masks(test_kept, labels, sizes)
             for name in names:
-                det = build_detector(name, cfg.params_for(name))
+                params = dict(cfg.params_for(name))
+                if "object_name" in parameters(registered()[name]) and "object_name" not in params:
+                    params["object_name"] = object_name(cat.name)  # WinCLIP's state prompts name the object
+                det = build_detector(name, params)
                 try:
                     t0 = time.perf_counter()
-                    fit_detector(det, feats["train"].features)
+                    fit_detector(det, feats["train"].features,
+                                 text_encoder=backbone if is_vision_language(backbone) else None)
                     fit_s = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     scores, grid = det.score_maps(feats["test"].features)

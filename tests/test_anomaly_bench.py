@@ -137,3 +137,16 @@ def test_text_methods_get_the_backbone_as_text_encoder_and_the_object_name(categ
     assert 0.0 <= float(row["image_auroc"]) <= 1.0 and float(row["pixel_auroc"]) > 0.0
     params = json.loads((out / "results.json").read_text())
     assert "brick" in json.dumps(params)
+
+
+def test_image_trained_methods_run_on_the_images(category, tmp_path):
+    """EfficientAD trains on the images themselves: the anomaly mode feeds it the [0, 1] pixels at its own
+    size and scores its maps like every other method's."""
+    out = tmp_path / "run"
+    rc = main(["bench", "--anomaly", str(category), "--backbone", BACKBONE, "--detectors", "efficientad",
+               "--params", '{"efficientad": {"image_size": 64, "steps": 2}}', "--anomaly-gallery", "0",
+               "--cache", str(tmp_path / "cache"), "-o", str(out), "--quiet"])
+    assert rc == 0, (out / "failures.csv").read_text() if (out / "failures.csv").exists() else rc
+    row = _rows(out)["efficientad"]
+    assert 0.0 <= float(row["image_auroc"]) <= 1.0 and 0.0 < float(row["pixel_auroc"]) <= 1.0
+    assert float(row["aupro"]) >= 0.0 and int(row["n_test"]) == 4 + 4 * 2  # 4 good + 2 of each of 4 kinds

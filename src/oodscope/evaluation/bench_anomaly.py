@@ -37,13 +37,14 @@ import datetime as dt
 import io
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from oodscope.backbones.base import InputSpec
 from oodscope.evaluation.anomaly_metrics import aupro, image_metrics, pixel_auroc
 from oodscope.evaluation.bench_config import BenchConfig, describe, spread
 from oodscope.evaluation.bench_output import FORMAT, FORMAT_VERSION, _json_default, _write_csv, environment
@@ -171,10 +172,10 @@ def _masks(source: ImageSource, labels: np.ndarray, sizes: list[tuple[int, int]]
 # ============================================================================ the run
 def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
     """Run the anomaly mode of ``cfg`` (see the module docstring); returns a ``BenchResult``."""
-    from oodscope.backbones import create, is_vision_language
+    from oodscope.backbones import create
     from oodscope.detectors import registered
     from oodscope.detectors.base import parameters
-    from oodscope.detectors.fitting import build_detector, fit_detector
+    from oodscope.detectors.fitting import build_detector
     from oodscope.evaluation.bench import BenchResult, _Log
     from oodscope.features.extract import extract
 
@@ -183,9 +184,6 @@ def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
     out.mkdir(parents=True, exist_ok=True)
     categories = anomaly_categories_of(cfg.anomaly)
     names, others = anomaly_detector_names(cfg.detectors, registered())
-    # Methods that train networks on the images (EfficientAD: fit_needs().model) read no cached features.
-    image_trained = [n for n in names if build_detector(n, cfg.params_for(n)).fit_needs().model]
-    names = [n for n in names if n not in image_trained]
     if not cfg.backbones:
         raise ValueError("no backbone: give backbones (--backbone B)")
     log = _Log(cfg.progress)
@@ -214,10 +212,6 @@ def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
         for name in others:
             failures.append({"backbone": spec, "detector": name, "stage": "plan",
                              "reason": "not an anomaly detector (the anomaly mode runs detectors of kind anomaly)"})
-        for name in image_trained:
-            failures.append({"backbone": spec, "detector": name, "stage": "plan",
-                             "reason": f"{name} trains its own networks on the images and scores images, not "
-                             "cached dense features: the anomaly mode does not run it yet"})
         saved: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
         for cat, train, test in plans:
             log(f"anomaly {spec} {cat.name}: {len(train)} train, {len(test)} test images")
@@ -243,13 +237,8 @@ def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
                     params["object_name"] = object_name(cat.name)  # WinCLIP's state prompts name the object
                 det = build_detector(name, params)
                 try:
-                    t0 = time.perf_counter()
-                    fit_detector(det, feats["train"].features,
-                                 text_encoder=backbone if is_vision_language(backbone) else None)
-                    fit_s = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    scores, grid = det.score_maps(feats["test"].features)
-                    score_s = time.perf_counter() - t0
+                    scores, grid, map_spec, fit_s, score_s = _fit_and_score(det, backbone, feats, train, test_kept,
+                                                                            cfg.batch_size)
                 except Exception as err:  # noqa: BLE001 - recorded with its reason; the run goes on
                     failures.append({"backbone": spec, "detector": name, "stage": f"fit/score {cat.name}",
                                      "reason": f"{type(err).__name__}: {err}"})
@@ -257,7 +246,7 @@ def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
                 timings.append(_timing(spec, "fit", fit_s, name, f"{cat.name}/train"))
                 timings.append(_timing(spec, "score", score_s, name, f"{cat.name}/test"))
                 has_maps = type(det).pixel_maps
-                maps = _image_maps(grid, backbone.input_spec, sizes) if has_maps else None
+                maps = _image_maps(grid, map_spec, sizes) if has_maps else None
                 row = {"backbone": spec, "detector": name, "category": cat.name, "family": cat.family,
                        "n_train": len(feats["train"].indices), "n_test": len(labels),
                        "n_defective": int(labels.sum()), "fit_s": round(fit_s, 3), "score_s": round(score_s, 3)}
@@ -286,6 +275,36 @@ def run_anomaly_benchmark(cfg: BenchConfig) -> Any:
                          config=cfg.to_dict(), environment=environment(started_at), scores=score_files)
     write_anomaly_results(result, gallery)
     return result
+
+
+def _fit_and_score(det: Any, backbone: Any, feats: dict[str, Any], train: ImageSource, test: ImageSource,
+                   batch_size: int) -> tuple[np.ndarray, np.ndarray, InputSpec, float, float]:
+    """Fit on the good training images, score the test images: (scores, grid maps, the InputSpec the maps
+    are framed in, fit s, score s). Methods that train their own networks on the images (EfficientAD,
+    ``fit_needs().images``) get the images themselves, stretched to the detector's ``image_size`` as [0, 1]
+    pixels; the others the cached dense features (and the backbone as text encoder when it has one)."""
+    from oodscope.backbones import is_vision_language
+    from oodscope.detectors.fitting import fit_detector
+
+    t0 = time.perf_counter()
+    if det.fit_needs().images:
+        size = int(det.get_params().get("image_size", backbone.input_spec.size))
+        pixels = InputSpec(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize="stretch")
+        fit_detector(det, parts=pixels, images=_pixel_batches(train, pixels, batch_size))
+        fit_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        scores, grid = det.score_image_maps(pixels, _pixel_batches(test, pixels, batch_size))
+        return scores, grid, pixels, fit_s, time.perf_counter() - t0
+    fit_detector(det, feats["train"].features, text_encoder=backbone if is_vision_language(backbone) else None)
+    fit_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    scores, grid = det.score_maps(feats["test"].features)
+    return scores, grid, backbone.input_spec, fit_s, time.perf_counter() - t0
+
+
+def _pixel_batches(source: ImageSource, spec: InputSpec, batch_size: int) -> Iterator[Any]:
+    from oodscope.backbones.preprocess import preprocess
+
+    for start in range(0, len(source), batch_size):
+        yield preprocess([source.load(i) for i in range(start, min(start + batch_size, len(source)))], spec, "cpu")
 
 
 def _limited(source: ImageSource, limit: int | None) -> ImageSource:

@@ -57,6 +57,7 @@ from oodscope.detectors.neglabel import (
     NegLabel,
     mine_negatives,
     negative_groups,
+    per_pos_takes,
 )
 from oodscope.text.lexicon import Lexicon, wordnet_lexicon
 from oodscope.text.prompts import TextEmbeddingCache, class_text_embeddings
@@ -246,14 +247,7 @@ def select_conjugated(
     exceeds ``max_id_similarity``; ``floor(count * n_pos)`` kept of each part (a float ``count``,
     ``neg_topk``), or an int ``count`` split in proportion to the parts' sizes. The candidates set to 1
     are ranked after all others (they are taken only if nothing else is left)."""
-    members = {p: np.flatnonzero(np.asarray(pos, dtype=object) == p) for p in ("noun", "adj")}
-    n = len(candidates)
-    if isinstance(count, float):
-        takes = {p: int(len(idx) * count) for p, idx in members.items()}
-    else:
-        total = min(int(count), n)
-        n_adj = int(total * (len(members["adj"]) / n)) if n else 0
-        takes = {"adj": n_adj, "noun": total - n_adj}
+    members, takes = per_pos_takes(pos, count)
     ids = torch.nn.functional.normalize(id_text.double(), dim=1)
     out = []
     for p in pos_order:

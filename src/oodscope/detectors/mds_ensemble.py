@@ -36,6 +36,7 @@ from oodscope.detectors._model_fitted import FeatureFittedModelDetector
 from oodscope.detectors.base import DetectorError, register
 from oodscope.detectors.mahalanobis import check_shrinkage
 from oodscope.detectors.mahalanobis_odin import check_epsilon, fit_gaussians, preprocessed_min_distance
+from oodscope.detectors.multilayer_mahalanobis import check_layer_weights
 
 
 @register
@@ -58,10 +59,7 @@ class MDSEnsemble(FeatureFittedModelDetector):
         self.weights = weights
         self.shrinkage = shrinkage
         self.rcond = rcond
-        if layers is not None and (len(layers) == 0 or len(set(layers)) != len(layers)):
-            raise DetectorError(f"{self.name}: layers must be a non-empty list of distinct names")
-        if weights is not None and layers is not None and len(weights) != len(layers):
-            raise DetectorError(f"{self.name}: {len(weights)} weights for {len(layers)} layers")
+        check_layer_weights(layers, weights, self.name)
         check_shrinkage(shrinkage, self.name)
 
     def _fit(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> None:

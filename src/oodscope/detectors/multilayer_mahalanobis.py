@@ -34,6 +34,14 @@ from oodscope.detectors.kinds import DetectorKind
 from oodscope.detectors.mahalanobis import check_shrinkage
 
 
+def check_layer_weights(layers: list[str] | None, weights: list[float] | None, name: str) -> None:
+    """Refuse an empty or repeated layer list, and a weight list of another length."""
+    if layers is not None and (len(layers) == 0 or len(set(layers)) != len(layers)):
+        raise DetectorError(f"{name}: layers must be a non-empty list of distinct names")
+    if weights is not None and layers is not None and len(weights) != len(layers):
+        raise DetectorError(f"{name}: {len(weights)} weights for {len(layers)} layers")
+
+
 @register
 class MultiLayerMahalanobis(Detector):
     name = "multilayer_mahalanobis"
@@ -54,10 +62,7 @@ class MultiLayerMahalanobis(Detector):
         self.weights = weights
         self.shrinkage = shrinkage
         self.rcond = rcond
-        if layers is not None and (len(layers) == 0 or len(set(layers)) != len(layers)):
-            raise DetectorError(f"{self.name}: layers must be a non-empty list of distinct names")
-        if weights is not None and layers is not None and len(weights) != len(layers):
-            raise DetectorError(f"{self.name}: {len(weights)} weights for {len(layers)} layers")
+        check_layer_weights(layers, weights, self.name)
         check_shrinkage(shrinkage, self.name)
 
     def _pick(self, layers: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:

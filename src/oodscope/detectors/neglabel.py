@@ -302,13 +302,7 @@ def select_negatives(
         return mine_negatives(candidates, id_text, take, eta, quantile=quantile)
     if selection != "per_pos":
         raise DetectorError(f"selection must be 'joint' or 'per_pos', got {selection!r}")
-    members = {p: np.flatnonzero(np.asarray(pos, dtype=object) == p) for p in ("noun", "adj")}
-    if isinstance(count, float):
-        takes = {p: int(len(idx) * count) for p, idx in members.items()}
-    else:
-        total = min(int(count), n)
-        n_adj = int(total * (len(members["adj"]) / n)) if n else 0
-        takes = {"adj": n_adj, "noun": total - n_adj}
+    members, takes = per_pos_takes(pos, count)
     out = []
     for p in pos_order:
         idx = members[p]
@@ -316,6 +310,18 @@ def select_negatives(
             chosen = mine_negatives(candidates[torch.as_tensor(idx)], id_text, takes[p], eta, quantile=quantile)
             out.append(idx[chosen])
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+
+def per_pos_takes(pos: Sequence[str], count: float | int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Each part of speech's candidate indices and how many of them to keep: ``floor(count * n_pos)`` of
+    each for a float ``count``; an int ``count`` split in proportion to the parts' sizes."""
+    n = len(pos)
+    members = {p: np.flatnonzero(np.asarray(pos, dtype=object) == p) for p in ("noun", "adj")}
+    if isinstance(count, float):
+        return members, {p: int(len(idx) * count) for p, idx in members.items()}
+    total = min(int(count), n)
+    n_adj = int(total * (len(members["adj"]) / n)) if n else 0
+    return members, {"adj": n_adj, "noun": total - n_adj}
 
 
 def mine_negatives(
